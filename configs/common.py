@@ -1,0 +1,44 @@
+"""Defaults shared by every experiment config, and the ``:tiny`` smoke mode."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Keys every run has; experiment configs override what they need."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_rounds = 100
+  config.algorithm = "fedavg"
+  config.weighting = "num_examples"
+  config.sampling = "fixed"
+  config.cohort_size = 10
+  config.sampling_rate = 0.0
+  config.eval_every = 10
+  config.eval_batch_size = 256
+  config.eval_max_examples = 0
+  config.strategy = "auto"
+  config.shard_clients = True
+  config.data = ml_collections.ConfigDict({"name": ""})
+  config.model = ml_collections.ConfigDict({"name": ""})
+  config.client = ml_collections.ConfigDict({
+      "optimizer": "sgd", "learning_rate": 0.1, "num_epochs": 1,
+      "batch_size": 10, "max_steps": 0, "hparams": {}})
+  config.server = ml_collections.ConfigDict({
+      "optimizer": "sgd", "learning_rate": 1.0, "hparams": {}})
+  return config
+
+
+def apply_mode(config: ml_collections.ConfigDict,
+               mode: str) -> ml_collections.ConfigDict:
+  """``mode='tiny'``: the same pipeline shrunk to a few seconds (smoke tests)."""
+  if not mode:
+    return config
+  if mode != "tiny":
+    raise ValueError(f"unknown config mode {mode!r}; use ':tiny' or nothing.")
+  config.num_rounds = 2
+  config.eval_every = 1
+  config.eval_max_examples = 64
+  config.client.max_steps = 2
+  if config.sampling == "fixed":
+    config.cohort_size = min(config.cohort_size, 3)
+  return config

@@ -1,0 +1,330 @@
+"""The compiled federated round.
+
+``build_round(algorithm, strategy)`` returns ``round_fn(server_state, cohort,
+client_states, rng) -> (server_state, client_states, metrics)`` where
+``cohort`` is the dict of padded arrays from :func:`cohort_arrays`:
+
+* ``features``: name -> ``[C, S, B, ...]``
+* ``example_mask`` ``[C, S, B]``, ``client_mask`` ``[C]``,
+  ``num_examples`` ``[C]``, ``client_indices`` ``[C]`` (-1 for padding).
+
+Local training, the per-client aggregation transform, the weighted sum, the
+aggregator's finalize step and the server update all run inside one jitted
+function (except ``step_loop="host"``). Padded steps and padded clients are
+exact no-ops: a step whose examples are all masked leaves the carry untouched
+(``jnp.where``), and padded clients enter every sum with weight 0. Each
+client's randomness is ``fold_in(round_rng, client_index)``, so a client's
+result does not depend on where in the cohort (or in which padding) it sits.
+
+When a ``jax.sharding.Mesh`` is given, the client axis of the cohort is
+sharded over its ``"clients"`` axis and the sums over clients become the
+compiler's collectives; the result equals the single-device one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fedjax_lab.algorithms import base
+from fedjax_lab.engine.strategy import Strategy
+
+PyTree = Any
+RoundFn = Callable[..., tuple[base.ServerState, PyTree, dict[str, jax.Array]]]
+
+
+def cohort_arrays(cohort) -> dict[str, Any]:
+  """The engine's view of a ``data.cohort.CohortBatch`` (numpy, host side)."""
+  return {
+      "features": dict(cohort.features),
+      "example_mask": cohort.example_mask,
+      "client_mask": cohort.client_mask,
+      "num_examples": cohort.num_examples,
+      "client_indices": cohort.client_indices,
+  }
+
+
+def gather_client_states(states: PyTree, client_indices: np.ndarray) -> PyTree:
+  """Rows of host-side stacked per-client states for a cohort (pads get row 0)."""
+  rows = np.maximum(client_indices, 0)
+  return jax.tree.map(lambda s: np.asarray(s)[rows], states)
+
+
+def scatter_client_states(states: PyTree, client_indices: np.ndarray,
+                          updated: PyTree) -> PyTree:
+  """Writes a cohort's new client states back into the stacked host states."""
+  real = client_indices >= 0
+
+  def put(all_rows, new_rows):
+    all_rows = np.array(all_rows)
+    all_rows[client_indices[real]] = np.asarray(new_rows)[real]
+    return all_rows
+
+  return jax.tree.map(put, states, updated)
+
+
+def _masked_step(algorithm: base.FederatedAlgorithm):
+  """A local step that is the identity when every example is masked."""
+
+  def step(carry, batch, mask):
+    new_carry = algorithm.client_step(carry, batch, mask)
+    active = jnp.any(mask > 0)
+    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new_carry, carry)
+
+  return step
+
+
+def _local_training(algorithm, step_loop: str):
+  """(carry, features [S,B,..], mask [S,B]) -> carry, with the chosen loop."""
+  step = _masked_step(algorithm)
+
+  def run(carry, features, mask):
+    if step_loop == "scan":
+      def body(c, xs):
+        return step(c, xs[0], xs[1]), None
+      carry, _ = jax.lax.scan(body, carry, (features, mask))
+      return carry
+    num_steps = mask.shape[0]
+    for s in range(num_steps):  # "unroll": S is static.
+      carry = step(carry, jax.tree.map(lambda a, s=s: a[s], features), mask[s])
+    return carry
+
+  return run
+
+
+def _client_fn(algorithm, step_loop):
+  """One client, start to finish: -> (delta, weight, state, metrics, tmetrics)."""
+  local_training = _local_training(algorithm, step_loop)
+
+  def run_client(broadcast, agg_state, round_rng, client_state, features,
+                 mask, num_examples, client_index):
+    rng = jax.random.fold_in(round_rng, client_index)
+    carry = algorithm.client_init(broadcast, client_state, rng)
+    carry = local_training(carry, features, mask)
+    return _finish_client(algorithm, broadcast, agg_state, carry, num_examples)
+
+  return run_client
+
+
+def _finish_client(algorithm, broadcast, agg_state, carry, num_examples):
+  update = algorithm.client_final(broadcast, carry, num_examples)
+  delta, weight, transform_metrics = algorithm.aggregator.client_transform(
+      update.delta, update.weight, agg_state)
+  return delta, weight, update.client_state, update.metrics, transform_metrics
+
+
+def _sum_clients(outputs, client_mask):
+  """Masked sums over a leading client axis of per-client outputs."""
+  delta, weight, _, metrics, transform_metrics = outputs
+  mask = client_mask.astype(jnp.float32)
+  w = weight * mask
+  weighted_sum = jax.tree.map(
+      lambda d: jnp.tensordot(w, d.astype(jnp.float32), axes=1), delta)
+  metric_sums = {k: (jnp.sum(v * mask), jnp.sum(n * mask))
+                 for k, (v, n) in metrics.items()}
+  transform_sums = {k: jnp.sum(v * mask) for k, v in transform_metrics.items()}
+  return weighted_sum, jnp.sum(w), metric_sums, transform_sums
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _chunk(tree, num_chunks: int):
+  """[C, ...] -> [num_chunks, C // num_chunks, ...], chunk j = clients j::num_chunks.
+
+  Strided chunks keep each chunk spread over the devices a sharded client axis
+  lives on (a contiguous block per device), so no data moves.
+  """
+  def f(a):
+    per_chunk = a.shape[0] // num_chunks
+    return jnp.swapaxes(a.reshape((per_chunk, num_chunks) + a.shape[1:]), 0, 1)
+  return jax.tree.map(f, tree)
+
+
+def _unchunk(tree):
+  def f(a):
+    return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
+  return jax.tree.map(f, tree)
+
+
+def _pad_clients(tree, multiple: int):
+  def f(a):
+    extra = (-a.shape[0]) % multiple
+    if extra == 0:
+      return a
+    if a.dtype == jnp.int32 or a.dtype == jnp.int64:
+      fill = -1
+    else:
+      fill = 0
+    pad = [(0, extra)] + [(0, 0)] * (a.ndim - 1)
+    return jnp.pad(a, pad, constant_values=fill)
+  return jax.tree.map(f, tree)
+
+
+# Folded into the round key for the aggregator's noise (clients use their index).
+_AGGREGATOR_RNG_TAG = 2**31 - 1
+
+
+def _finish_round(algorithm, server_state, agg_state, sums, num_clients, rng):
+  weighted_sum, total_weight, metric_sums, transform_sums = sums
+  aggregate, agg_state, agg_metrics = algorithm.aggregator.finalize(
+      weighted_sum, total_weight, num_clients, agg_state,
+      jax.random.fold_in(rng, _AGGREGATOR_RNG_TAG))
+  server_state = server_state._replace(aggregator_state=agg_state)
+  server_state, server_metrics = algorithm.server_update(server_state,
+                                                         aggregate)
+  metrics = {k: v / jnp.maximum(n, 1e-12) for k, (v, n) in metric_sums.items()}
+  metrics.update({k: v / jnp.maximum(num_clients, 1.0)
+                  for k, v in transform_sums.items()})
+  metrics.update(agg_metrics)
+  metrics.update(server_metrics)
+  metrics["num_clients"] = num_clients
+  metrics["total_weight"] = total_weight
+  return server_state, metrics
+
+
+def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
+                mesh: Mesh | None = None, donate: bool = True) -> RoundFn:
+  """Compiles a round of ``algorithm`` executed with ``strategy``.
+
+  Args:
+    algorithm: the federated algorithm.
+    strategy: client-parallel and step-loop choices.
+    mesh: optional mesh with a ``"clients"`` axis; the cohort's client axis is
+      sharded over it (C must be a multiple of its size: use
+      ``make_cohort(..., cohort_multiple_of=mesh.size)``).
+    donate: donate the server state and client states buffers to the round.
+
+  Returns:
+    ``round_fn(server_state, cohort, client_states, rng) -> (server_state,
+    client_states, metrics)``; ``rng`` is the run's base key (the round's key
+    is ``fold_in(rng, server_state.round)``). ``round_fn.trace_count()`` says
+    how many times it was traced (compiled).
+  """
+  trace_counter = [0]
+  run_client = _client_fn(algorithm, strategy.step_loop)
+  client_axes = (None, None, None, 0, 0, 0, 0, 0)
+  vmapped_client = jax.vmap(run_client, in_axes=client_axes)
+
+  def shard(tree):
+    if mesh is None:
+      return tree
+    spec = NamedSharding(mesh, PartitionSpec("clients"))
+    return jax.tree.map(
+        lambda a: jax.lax.with_sharding_constraint(a, spec), tree)
+
+  def clients_phase(server_state, cohort, client_states, round_rng):
+    broadcast = algorithm.broadcast(server_state)
+    agg_state = server_state.aggregator_state
+    per_client = (client_states, cohort["features"], cohort["example_mask"],
+                  cohort["num_examples"], cohort["client_indices"])
+    per_client = shard(per_client)
+    client_mask = shard(cohort["client_mask"])
+    if strategy.client_parallel == "vmap":
+      outputs = vmapped_client(broadcast, agg_state, round_rng, *per_client)
+      return _sum_clients(outputs, client_mask), outputs[2]
+
+    chunk = 1 if strategy.client_parallel == "map" else strategy.chunk_size
+    num_clients = client_mask.shape[0]
+    padded = _pad_clients((per_client, client_mask), chunk)
+    num_chunks = -(-num_clients // chunk)
+    chunked_inputs, chunked_mask = _chunk(padded, num_chunks)
+    # Put the chunk axis first for scan: [num_chunks, chunk, ...].
+    fn = run_client if chunk == 1 else vmapped_client
+
+    def body(acc, xs):
+      inputs, mask = xs
+      if chunk == 1:
+        inputs = jax.tree.map(lambda a: a[0], inputs)
+        out = fn(broadcast, agg_state, round_rng, *inputs)
+        out = jax.tree.map(lambda a: a[None], out)
+      else:
+        out = fn(broadcast, agg_state, round_rng, *inputs)
+      sums = _sum_clients(out, mask)
+      return (sums if acc is None else _add(acc, sums)), out[2]
+
+    first = jax.tree.map(lambda a: a[0], (chunked_inputs, chunked_mask))
+    acc_shape, _ = jax.eval_shape(lambda xs: body(None, xs), first)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), acc_shape)
+    sums, states = jax.lax.scan(body, zeros,
+                                (chunked_inputs, chunked_mask))
+    states = jax.tree.map(lambda a: a[:num_clients], _unchunk(states))
+    return sums, states
+
+  def round_fn(server_state, cohort, client_states, rng):
+    trace_counter[0] += 1
+    round_rng = jax.random.fold_in(rng, server_state.round)
+    sums, new_states = clients_phase(server_state, cohort, client_states,
+                                     round_rng)
+    num_clients = jnp.sum(cohort["client_mask"])
+    server_state, metrics = _finish_round(algorithm, server_state,
+                                          server_state.aggregator_state, sums,
+                                          num_clients, round_rng)
+    return server_state, new_states, metrics
+
+  if strategy.step_loop == "host":
+    fn = _build_host_loop_round(algorithm, mesh, donate, trace_counter, shard)
+  else:
+    fn = jax.jit(round_fn, donate_argnums=(0, 2) if donate else ())
+  fn.trace_count = lambda: trace_counter[0]
+  return fn
+
+
+def _build_host_loop_round(algorithm, mesh, donate, trace_counter, shard):
+  """vmap over clients, Python loop over steps calling one jitted step."""
+  step = jax.vmap(_masked_step(algorithm))
+  del mesh
+
+  @jax.jit
+  def init(server_state, client_states, client_indices, rng):
+    trace_counter[0] += 1
+    round_rng = jax.random.fold_in(rng, server_state.round)
+    broadcast = algorithm.broadcast(server_state)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(round_rng, i))(client_indices)
+    return jax.vmap(algorithm.client_init, in_axes=(None, 0, 0))(
+        broadcast, client_states, shard(rngs))
+
+  jitted_step = jax.jit(step, donate_argnums=(0,) if donate else ())
+
+  @jax.jit
+  def finish(server_state, carry, cohort, rng):
+    round_rng = jax.random.fold_in(rng, server_state.round)
+    broadcast = algorithm.broadcast(server_state)
+    agg_state = server_state.aggregator_state
+    outputs = jax.vmap(
+        lambda c, n: _finish_client(algorithm, broadcast, agg_state, c, n))(
+            carry, cohort["num_examples"])
+    sums = _sum_clients(outputs, shard(cohort["client_mask"]))
+    num_clients = jnp.sum(cohort["client_mask"])
+    server_state, metrics = _finish_round(algorithm, server_state, agg_state,
+                                          sums, num_clients, round_rng)
+    return server_state, outputs[2], metrics
+
+  def round_fn(server_state, cohort, client_states, rng):
+    carry = init(server_state, client_states, cohort["client_indices"], rng)
+    features, mask = cohort["features"], cohort["example_mask"]
+    for s in range(mask.shape[1]):
+      carry = jitted_step(carry, jax.tree.map(lambda a: a[:, s], features),
+                          mask[:, s])
+    return finish(server_state, carry, cohort, rng)
+
+  return round_fn
+
+
+def client_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over ``devices`` (default: all) with axis name ``"clients"``."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return Mesh(devices, ("clients",))
+
+
+def place_cohort(cohort: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
+  """Transfers host cohort arrays to device(s), client axis sharded on a mesh."""
+  if mesh is None:
+    return jax.device_put(cohort)
+  sharding = NamedSharding(mesh, PartitionSpec("clients"))
+  return jax.device_put(cohort, sharding)

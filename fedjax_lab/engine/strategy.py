@@ -1,0 +1,98 @@
+"""Execution strategies: how the clients of a round and their local steps run.
+
+Two independent choices (see docs/ARCHITECTURE.md and the benchmark):
+
+* ``client_parallel``: ``"vmap"`` (all clients of the cohort at once),
+  ``"map"`` (one client after another inside the compiled round, running sums,
+  memory of one client), ``"chunked"`` (``chunk_size`` clients vmapped at a
+  time, chunks in sequence).
+* ``step_loop``: ``"scan"`` (``lax.scan`` over local steps), ``"unroll"``
+  (steps unrolled into the compiled round; compile time grows with steps),
+  ``"host"`` (a Python loop calling a jitted, vmapped step; the round is then
+  three compiled functions instead of one; only with ``vmap``).
+
+Defaults per backend and model family come from ``experiments/bench.py``
+runs recorded in ``experiments/results/``. On XLA:CPU a convolution inside
+``lax.scan`` runs many times slower than unrolled (jax issue #12868), so conv
+models default to unrolled steps there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+CLIENT_PARALLEL = ("vmap", "map", "chunked")
+STEP_LOOPS = ("scan", "unroll", "host")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """How a round executes. Every strategy computes the same round result.
+
+  Attributes:
+    client_parallel: one of ``CLIENT_PARALLEL``.
+    step_loop: one of ``STEP_LOOPS``.
+    chunk_size: clients per chunk for ``"chunked"``.
+  """
+
+  client_parallel: str = "vmap"
+  step_loop: str = "scan"
+  chunk_size: int = 8
+
+  def __post_init__(self):
+    if self.client_parallel not in CLIENT_PARALLEL:
+      raise ValueError(f"client_parallel must be one of {CLIENT_PARALLEL}, "
+                       f"got {self.client_parallel!r}.")
+    if self.step_loop not in STEP_LOOPS:
+      raise ValueError(f"step_loop must be one of {STEP_LOOPS}, got "
+                       f"{self.step_loop!r}.")
+    if self.step_loop == "host" and self.client_parallel != "vmap":
+      raise ValueError("step_loop='host' runs a vmapped step from Python; use "
+                       "client_parallel='vmap' with it.")
+    if self.chunk_size < 1:
+      raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}.")
+
+  @property
+  def label(self) -> str:
+    if self.client_parallel == "chunked":
+      return f"chunked{self.chunk_size}+{self.step_loop}"
+    return f"{self.client_parallel}+{self.step_loop}"
+
+
+# (backend, model family) -> strategy measured fastest by experiments/bench.py.
+_DEFAULTS = {
+    ("cpu", "conv"): Strategy("vmap", "unroll"),
+    ("cpu", "dense"): Strategy("vmap", "scan"),
+    ("cpu", "recurrent"): Strategy("vmap", "scan"),
+}
+_FALLBACK = Strategy("vmap", "scan")
+
+
+def default_strategy(model_family: str, backend: str | None = None) -> Strategy:
+  """The measured-fastest strategy for a model family on a backend.
+
+  Args:
+    model_family: ``"conv"``, ``"dense"`` or ``"recurrent"``.
+    backend: ``"cpu"``, ``"gpu"``, ``"tpu"``; default ``jax.default_backend()``.
+  """
+  backend = backend or jax.default_backend()
+  return _DEFAULTS.get((backend, model_family), _FALLBACK)
+
+
+def parse_strategy(spec: str, model_family: str) -> Strategy:
+  """Parses ``"auto"`` or ``"<parallel>+<loop>"`` (e.g. ``"chunked8+scan"``)."""
+  if spec == "auto":
+    return default_strategy(model_family)
+  try:
+    parallel, loop = spec.split("+")
+  except ValueError:
+    raise ValueError(
+        f"strategy {spec!r} is not 'auto' or '<parallel>+<loop>' such as "
+        f"'vmap+scan', 'map+unroll', 'chunked8+scan', 'vmap+host'.") from None
+  chunk_size = 8
+  if parallel.startswith("chunked") and parallel != "chunked":
+    chunk_size = int(parallel[len("chunked"):])
+    parallel = "chunked"
+  return Strategy(parallel, loop, chunk_size)

@@ -1,0 +1,155 @@
+"""The round loop: sample, batch, run the compiled round, evaluate, write metrics.
+
+Side effects live here (files, progress bar); everything it calls is pure.
+The host prepares round t+1's cohort in a background thread while the
+device runs round t (:class:`fedjax_lab.data.prefetch.Prefetcher`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedjax_lab.data import cohort as cohort_lib
+from fedjax_lab.data.prefetch import Prefetcher
+from fedjax_lab.engine import round as round_lib
+from fedjax_lab.engine.evaluate import build_evaluator
+from fedjax_lab.training import metrics_io
+from fedjax_lab.training.setup import Experiment, describe_devices
+
+
+class DivergedError(RuntimeError):
+  """Training produced a non-finite loss; metrics up to that round are kept."""
+
+
+def _stack_client_states(template: Any, num_clients: int) -> Any:
+  return jax.tree.map(
+      lambda leaf: np.repeat(np.asarray(leaf)[None], num_clients, axis=0),
+      template)
+
+
+def _to_python(metrics: dict[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run_experiment(exp: Experiment, workdir: str,
+                   show_progress: bool = True) -> dict[str, Any]:
+  """Trains ``exp`` for ``config.num_rounds`` rounds; returns the summary.
+
+  Writes ``workdir/config.json``, ``workdir/metrics.jsonl`` (one object per
+  round; evaluation rounds add ``eval_*`` keys) and ``workdir/summary.json``.
+
+  Raises:
+    DivergedError: a round's training loss was NaN/inf (the metrics file keeps
+      every round before it).
+  """
+  config = exp.config
+  os.makedirs(workdir, exist_ok=True)
+  metrics_io.write_json(os.path.join(workdir, "config.json"),
+                        json.loads(config.to_json_best_effort()))
+  writer = metrics_io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+
+  mesh = None
+  if config.get("shard_clients", True) and jax.device_count() > 1:
+    mesh = round_lib.client_mesh()
+  cohort_multiple_of = mesh.size if mesh is not None else 1
+
+  rng = jax.random.key(config.seed)
+  params = exp.model.init(jax.random.fold_in(rng, 0))
+  server_state = exp.algorithm.server_init(params)
+  train = exp.dataset.train
+  client_states = _stack_client_states(
+      exp.algorithm.client_state_init(params), train.num_clients)
+  round_fn = round_lib.build_round(exp.algorithm, exp.strategy, mesh=mesh)
+  round_rng = jax.random.fold_in(rng, 1)
+
+  evaluate = build_evaluator(exp.model)
+  eval_features, eval_mask = cohort_lib.make_eval_batches(
+      exp.dataset.test, config.eval_batch_size,
+      max_examples=config.get("eval_max_examples", 0) or None)
+
+  client = config.client
+  min_cohort = config.cohort_size if config.sampling == "fixed" else 0
+
+  def produce(round_index: int):
+    indices = exp.sampler.sample(round_index)
+    batch = cohort_lib.make_cohort(
+        train, indices, batch_size=client.batch_size,
+        num_epochs=client.num_epochs, max_steps=client.max_steps or None,
+        seed=config.seed, round_index=round_index,
+        cohort_multiple_of=cohort_multiple_of, min_cohort_size=min_cohort)
+    return round_lib.cohort_arrays(batch)
+
+  progress = None
+  if show_progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm.tqdm(total=config.num_rounds, desc=exp.algorithm.name,
+                         file=sys.stderr, dynamic_ncols=True)
+  start = time.perf_counter()
+  last_eval: dict[str, float] = {}
+  rounds_done = 0
+  try:
+    with Prefetcher(produce, range(config.num_rounds)) as prefetcher:
+      for round_index, cohort in prefetcher:
+        round_start = time.perf_counter()
+        gathered = round_lib.gather_client_states(client_states,
+                                                  cohort["client_indices"])
+        server_state, new_states, metrics = round_fn(
+            server_state, round_lib.place_cohort(cohort, mesh), gathered,
+            round_rng)
+        metrics = _to_python(metrics)
+        client_states = round_lib.scatter_client_states(
+            client_states, cohort["client_indices"], new_states)
+        record = {"round": round_index + 1, **metrics,
+                  "cohort_padded_size": int(cohort["client_mask"].shape[0]),
+                  "local_steps_padded": int(cohort["example_mask"].shape[1])}
+        record["seconds"] = time.perf_counter() - round_start
+        if not math.isfinite(metrics.get("train_loss", 0.0)):
+          writer.write(record)
+          raise DivergedError(
+              f"round {round_index + 1}: train_loss is "
+              f"{metrics['train_loss']}; training diverged. Lower "
+              f"client.learning_rate or server.learning_rate. Metrics up to "
+              f"here are in {writer.path}.")
+        is_last = round_index + 1 == config.num_rounds
+        if is_last or (config.eval_every and
+                       (round_index + 1) % config.eval_every == 0):
+          last_eval = evaluate(server_state.params, eval_features, eval_mask)
+          record.update({f"eval_{k}": v for k, v in last_eval.items()})
+        writer.write(record)
+        rounds_done = round_index + 1
+        if progress is not None:
+          postfix = {"loss": f"{metrics.get('train_loss', float('nan')):.3f}"}
+          if "accuracy" in last_eval:
+            postfix["eval_acc"] = f"{last_eval['accuracy']:.3f}"
+          progress.set_postfix(postfix, refresh=False)
+          progress.update(1)
+  finally:
+    if progress is not None:
+      progress.close()
+    writer.close()
+
+  summary = {
+      "final_eval_accuracy": last_eval.get("accuracy"),
+      "final_eval_loss": last_eval.get("loss"),
+      **{f"final_eval_{k}": v for k, v in last_eval.items()
+         if k not in ("accuracy", "loss")},
+      "rounds": rounds_done,
+      "seconds": time.perf_counter() - start,
+      "algorithm": exp.algorithm.name,
+      "dataset": exp.dataset.name,
+      "model": config.model.name,
+      "strategy": exp.strategy.label,
+      "compilations": round_fn.trace_count(),
+      "devices": describe_devices(),
+      "workdir": workdir,
+  }
+  metrics_io.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary

@@ -1,0 +1,133 @@
+"""From a config to the objects of an experiment (dataset, model, algorithm, ...).
+
+The config schema (``configs/*.py`` return it; every key can be overridden
+with ``--config.KEY=VALUE``):
+
+* ``seed``, ``num_rounds``, ``eval_every``, ``eval_batch_size``,
+  ``eval_max_examples`` (0 = all), ``strategy`` (``"auto"`` or e.g.
+  ``"vmap+scan"``), ``shard_clients``.
+* ``algorithm``: ``fedavg`` | ``fedopt`` | ``fedsgd``; ``weighting``:
+  ``num_examples`` | ``uniform``.
+* ``sampling``: ``fixed`` (``cohort_size`` clients without replacement) or
+  ``poisson`` (each client with probability ``sampling_rate``).
+* ``data``: ``name`` plus that dataset's ``load()`` keyword arguments.
+* ``model``: ``name`` plus that model's keyword arguments.
+* ``client``: ``optimizer``, ``learning_rate``, ``num_epochs``, ``batch_size``,
+  ``max_steps`` (0 = no cap), ``hparams`` (extra optax arguments).
+* ``server``: ``optimizer``, ``learning_rate``, ``hparams``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+from fedjax_lab import models
+from fedjax_lab.algorithms import base as alg_base
+from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms.optimizers import build_optimizer
+from fedjax_lab.data import sampling
+from fedjax_lab.data.federated import FederatedDataset
+from fedjax_lab.data.sources import load_dataset
+from fedjax_lab.engine.strategy import Strategy, parse_strategy
+
+ALGORITHMS = ("fedavg", "fedopt", "fedsgd")
+MODEL_FAMILIES = {"cnn": "conv", "char_lstm": "recurrent"}
+
+
+class ConfigError(ValueError):
+  """A config value is missing or invalid; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run needs, built from a config."""
+
+  config: ml_collections.ConfigDict
+  dataset: FederatedDataset
+  model: models.Model
+  algorithm: alg_base.FederatedAlgorithm
+  sampler: Any
+  strategy: Strategy
+  model_family: str
+
+
+def _kwargs(block: ml_collections.ConfigDict) -> dict[str, Any]:
+  out = block.to_dict()
+  out.pop("name", None)
+  return out
+
+
+def _require(config, key):
+  if key not in config or config[key] is None:
+    raise ConfigError(f"config is missing '{key}'.")
+  return config[key]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values a run cannot start with; raises ConfigError saying why."""
+  for key in ("num_rounds", "seed", "eval_every", "data", "model", "client",
+              "server"):
+    _require(config, key)
+  if config.num_rounds < 1:
+    raise ConfigError(f"num_rounds must be >= 1, got {config.num_rounds}.")
+  if config.eval_every < 0:
+    raise ConfigError("eval_every must be >= 0 (0 = only at the end).")
+  if config.algorithm not in ALGORITHMS:
+    raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got "
+                      f"{config.algorithm!r}.")
+  if config.sampling not in sampling.SAMPLING_KINDS:
+    raise ConfigError(f"sampling must be one of {sampling.SAMPLING_KINDS}, "
+                      f"got {config.sampling!r}.")
+  if config.client.batch_size < 1 or config.client.num_epochs < 1:
+    raise ConfigError("client.batch_size and client.num_epochs must be >= 1.")
+
+
+def build_model(config, dataset: FederatedDataset) -> models.Model:
+  """The config's model shaped for the dataset."""
+  return models.get_model(config.model.name, input_shape=dataset.input_shape,
+                          num_classes=dataset.num_classes,
+                          **_kwargs(config.model))
+
+
+def build_algorithm(config, model) -> alg_base.FederatedAlgorithm:
+  """FedAvg / FedOpt / FedSGD with the configured optimizers."""
+  client_opt = build_optimizer(config.client.optimizer,
+                               config.client.learning_rate,
+                               config.client.get("hparams", {}))
+  server_opt = build_optimizer(config.server.optimizer,
+                               config.server.learning_rate,
+                               config.server.get("hparams", {}))
+  if config.algorithm == "fedsgd":
+    return fedavg.fedsgd(model, server_opt, weighting=config.weighting)
+  return fedavg.fedopt(model, client_opt, server_opt,
+                       weighting=config.weighting, name=config.algorithm)
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  """Validates ``config`` and builds the dataset, model, algorithm, sampler."""
+  validate(config)
+  dataset = load_dataset(config.data.name, **_kwargs(config.data))
+  model = build_model(config, dataset)
+  algorithm = build_algorithm(config, model)
+  num_clients = dataset.train.num_clients
+  if config.sampling == "fixed" and config.cohort_size > num_clients:
+    raise ConfigError(
+        f"cohort_size={config.cohort_size} but {dataset.name} has only "
+        f"{num_clients} training clients; lower --config.cohort_size.")
+  sampler = sampling.make_sampler(
+      config.sampling, num_clients, cohort_size=config.cohort_size,
+      sampling_rate=config.get("sampling_rate", None), seed=config.seed)
+  family = MODEL_FAMILIES.get(config.model.name, "dense")
+  strategy = parse_strategy(config.get("strategy", "auto"), family)
+  return Experiment(config, dataset, model, algorithm, sampler, strategy,
+                    family)
+
+
+def describe_devices() -> str:
+  """One line naming the backend and devices, for logs and results."""
+  devices = jax.devices()
+  return f"{jax.default_backend()} x{len(devices)} ({devices[0].device_kind})"
