@@ -35,6 +35,7 @@ from fedjax_lab.data.sources import load_dataset
 from fedjax_lab.engine.strategy import Strategy, parse_strategy
 
 ALGORITHMS = ("fedavg", "fedopt", "fedsgd")
+SAMPLING_KINDS = ("fixed", "poisson")
 MODEL_FAMILIES = {"cnn": "conv", "char_lstm": "recurrent"}
 
 
@@ -79,9 +80,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.algorithm not in ALGORITHMS:
     raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got "
                       f"{config.algorithm!r}.")
-  if config.sampling not in sampling.SAMPLING_KINDS:
-    raise ConfigError(f"sampling must be one of {sampling.SAMPLING_KINDS}, "
-                      f"got {config.sampling!r}.")
+  if config.sampling not in SAMPLING_KINDS:
+    raise ConfigError(f"sampling must be one of {SAMPLING_KINDS}, got "
+                      f"{config.sampling!r}.")
+  if config.sampling == "poisson" and not 0 < config.sampling_rate <= 1:
+    raise ConfigError("sampling='poisson' needs 0 < sampling_rate <= 1, got "
+                      f"{config.sampling_rate}; set --config.sampling_rate.")
   if config.client.batch_size < 1 or config.client.num_epochs < 1:
     raise ConfigError("client.batch_size and client.num_epochs must be >= 1.")
 
@@ -118,9 +122,14 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     raise ConfigError(
         f"cohort_size={config.cohort_size} but {dataset.name} has only "
         f"{num_clients} training clients; lower --config.cohort_size.")
-  sampler = sampling.make_sampler(
-      config.sampling, num_clients, cohort_size=config.cohort_size,
-      sampling_rate=config.get("sampling_rate", None), seed=config.seed)
+  if config.sampling == "fixed":
+    sampler = sampling.make_sampler("fixed", num_clients,
+                                    cohort_size=config.cohort_size,
+                                    seed=config.seed)
+  else:
+    sampler = sampling.make_sampler("poisson", num_clients,
+                                    sampling_rate=config.sampling_rate,
+                                    seed=config.seed)
   family = MODEL_FAMILIES.get(config.model.name, "dense")
   strategy = parse_strategy(config.get("strategy", "auto"), family)
   return Experiment(config, dataset, model, algorithm, sampler, strategy,

@@ -1,0 +1,175 @@
+"""Client samplers: which clients take part in a federated round.
+
+A sampler maps a round index to a sorted ``int64`` array of client positions
+(rows of a :class:`~fedjax_lab.data.federated.ClientStore`). The draw depends
+only on ``(seed, round_index)``, never on earlier draws, so a run resumed at
+round ``t`` draws exactly the cohorts it would have drawn without stopping, and
+rounds can be sampled out of order (e.g. by a prefetcher).
+
+Two schemes are provided:
+
+* :class:`UniformSampler` (``kind = "fixed"``): ``cohort_size`` distinct
+  clients, uniformly at random without replacement (the usual FedAvg setting).
+* :class:`PoissonSampler` (``kind = "poisson"``): every client is included
+  independently with probability ``sampling_rate``, so the cohort size is
+  ``Binomial(num_clients, sampling_rate)`` and may be 0. This is the scheme
+  that user-level DP accounting (amplification by sampling) assumes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+# Distinct salts keep the two samplers' random streams unrelated even when
+# they share a seed (and unrelated to the batching streams in cohort.py).
+_UNIFORM_SALT = 0x5A3F_01
+_POISSON_SALT = 0x5A3F_02
+
+
+class ClientSampler(Protocol):
+  """What the training loop needs from a sampler."""
+
+  kind: str
+  num_clients: int
+
+  def sample(self, round_index: int) -> np.ndarray:
+    """Sorted ``int64`` client positions for round ``round_index``."""
+    ...
+
+
+def _check_int(name: str, value: int, minimum: int) -> int:
+  """Returns ``value`` as int after checking it is an integer >= ``minimum``."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, np.integer)):
+    raise TypeError(f"{name} must be an integer, got {value!r}.")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+  return int(value)
+
+
+def _round_rng(seed: int, round_index: int, salt: int) -> np.random.Generator:
+  """Generator seeded from ``(seed, round_index, salt)`` only."""
+  round_index = _check_int("round_index", round_index, 0)
+  return np.random.default_rng([seed, round_index, salt])
+
+
+class UniformSampler:
+  """``cohort_size`` distinct clients per round, uniformly at random.
+
+  Attributes:
+    num_clients: population size N; clients are positions ``0..N-1``.
+    cohort_size: number of clients drawn per round (``<= num_clients``).
+    seed: non-negative integer; with ``round_index`` it fixes the draw.
+    kind: ``"fixed"`` (the cohort size does not vary between rounds).
+  """
+
+  kind = "fixed"
+
+  def __init__(self, num_clients: int, cohort_size: int, seed: int):
+    self.num_clients = _check_int("num_clients", num_clients, 1)
+    self.cohort_size = _check_int("cohort_size", cohort_size, 1)
+    self.seed = _check_int("seed", seed, 0)
+    if self.cohort_size > self.num_clients:
+      raise ValueError(
+          f"cohort_size ({self.cohort_size}) cannot exceed num_clients "
+          f"({self.num_clients}) when sampling without replacement.")
+
+  def sample(self, round_index: int) -> np.ndarray:
+    """``[cohort_size]`` int64 client positions, distinct, sorted ascending."""
+    rng = _round_rng(self.seed, round_index, _UNIFORM_SALT)
+    chosen = rng.choice(self.num_clients, size=self.cohort_size,
+                        replace=False, shuffle=False)
+    return np.sort(chosen).astype(np.int64)
+
+  def __repr__(self) -> str:
+    return (f"UniformSampler(num_clients={self.num_clients}, "
+            f"cohort_size={self.cohort_size}, seed={self.seed})")
+
+
+class PoissonSampler:
+  """Each client joins a round independently with probability ``sampling_rate``.
+
+  Attributes:
+    num_clients: population size N; clients are positions ``0..N-1``.
+    sampling_rate: inclusion probability q in ``(0, 1]``.
+    seed: non-negative integer; with ``round_index`` it fixes the draw.
+    kind: ``"poisson"`` (cohort size ~ Binomial(N, q), possibly 0).
+  """
+
+  kind = "poisson"
+
+  def __init__(self, num_clients: int, sampling_rate: float, seed: int):
+    self.num_clients = _check_int("num_clients", num_clients, 1)
+    self.seed = _check_int("seed", seed, 0)
+    if isinstance(sampling_rate, (bool, np.bool_)) or not isinstance(
+        sampling_rate, (int, float, np.integer, np.floating)):
+      raise TypeError(
+          f"sampling_rate must be a number, got {sampling_rate!r}.")
+    rate = float(sampling_rate)
+    if not 0.0 < rate <= 1.0:  # Also rejects NaN.
+      raise ValueError(
+          f"sampling_rate must be in (0, 1], got {sampling_rate!r}.")
+    self.sampling_rate = rate
+
+  @property
+  def expected_cohort_size(self) -> float:
+    """Mean number of clients per round, ``num_clients * sampling_rate``."""
+    return self.num_clients * self.sampling_rate
+
+  def sample(self, round_index: int) -> np.ndarray:
+    """Sorted int64 positions of the clients included in round ``round_index``.
+
+    The length varies between rounds and can be 0.
+    """
+    rng = _round_rng(self.seed, round_index, _POISSON_SALT)
+    included = rng.random(self.num_clients) < self.sampling_rate
+    return np.flatnonzero(included).astype(np.int64)
+
+  def __repr__(self) -> str:
+    return (f"PoissonSampler(num_clients={self.num_clients}, "
+            f"sampling_rate={self.sampling_rate}, seed={self.seed})")
+
+
+_KIND_ALIASES = {"fixed": "fixed", "uniform": "fixed", "poisson": "poisson"}
+
+
+def make_sampler(kind: str, num_clients: int, *,
+                 cohort_size: int | None = None,
+                 sampling_rate: float | None = None,
+                 seed: int = 0) -> UniformSampler | PoissonSampler:
+  """Builds a sampler from config values.
+
+  Args:
+    kind: ``"fixed"`` (alias ``"uniform"``) or ``"poisson"``.
+    num_clients: population size.
+    cohort_size: clients per round; required for ``"fixed"`` and rejected for
+      ``"poisson"``.
+    sampling_rate: inclusion probability; required for ``"poisson"`` and
+      rejected for ``"fixed"``.
+    seed: non-negative integer seed.
+
+  Returns:
+    A :class:`UniformSampler` or :class:`PoissonSampler`.
+  """
+  normalized = _KIND_ALIASES.get(str(kind).lower())
+  if normalized is None:
+    raise ValueError(
+        f"unknown sampler kind {kind!r}; expected one of "
+        f"{sorted(_KIND_ALIASES)}.")
+  if normalized == "fixed":
+    if cohort_size is None:
+      raise ValueError("a 'fixed' sampler needs cohort_size.")
+    if sampling_rate is not None:
+      raise ValueError(
+          "sampling_rate is only meaningful for kind='poisson'; got "
+          f"sampling_rate={sampling_rate!r} with kind={kind!r}.")
+    return UniformSampler(num_clients, cohort_size, seed)
+  if sampling_rate is None:
+    raise ValueError("a 'poisson' sampler needs sampling_rate.")
+  if cohort_size is not None:
+    raise ValueError(
+        "cohort_size is only meaningful for kind='fixed'; a Poisson sampler's "
+        f"size is set by sampling_rate (got cohort_size={cohort_size!r}).")
+  return PoissonSampler(num_clients, sampling_rate, seed)

@@ -1,0 +1,219 @@
+"""Tests for fedjax_lab.data.sampling."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fedjax_lab.data.sampling import (PoissonSampler, UniformSampler,
+                                      make_sampler)
+
+
+def _check_cohort(cohort, num_clients):
+  """Shared invariants of any sampled cohort."""
+  assert cohort.dtype == np.int64
+  assert cohort.ndim == 1
+  assert np.all(np.diff(cohort) > 0), "must be sorted and without repeats"
+  if cohort.size:
+    assert cohort[0] >= 0 and cohort[-1] < num_clients
+
+
+# ----------------------------------------------------------------- uniform
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_clients=st.integers(1, 300), data=st.data(),
+       seed=st.integers(0, 2**63 - 1), round_index=st.integers(0, 10**9))
+def test_uniform_shape_and_determinism(num_clients, data, seed, round_index):
+  cohort_size = data.draw(st.integers(1, num_clients))
+  sampler = UniformSampler(num_clients, cohort_size, seed)
+  cohort = sampler.sample(round_index)
+  _check_cohort(cohort, num_clients)
+  assert len(cohort) == cohort_size
+  # Same (seed, round) -> same cohort, from a fresh object too.
+  np.testing.assert_array_equal(
+      cohort, UniformSampler(num_clients, cohort_size, seed).sample(
+          round_index))
+
+
+def test_uniform_stateless_across_rounds():
+  """Resuming at round t (or sampling out of order) draws the same cohorts."""
+  forward = UniformSampler(100, 10, seed=7)
+  drawn = [forward.sample(t) for t in range(20)]
+  resumed = UniformSampler(100, 10, seed=7)
+  for t in reversed(range(5, 20)):
+    np.testing.assert_array_equal(resumed.sample(t), drawn[t])
+
+
+def test_uniform_varies_across_rounds_and_seeds():
+  sampler = UniformSampler(1000, 10, seed=0)
+  cohorts = {tuple(sampler.sample(t)) for t in range(50)}
+  assert len(cohorts) == 50
+  other_seed = UniformSampler(1000, 10, seed=1)
+  assert not np.array_equal(sampler.sample(0), other_seed.sample(0))
+
+
+def test_uniform_full_population():
+  np.testing.assert_array_equal(UniformSampler(7, 7, 3).sample(4),
+                                np.arange(7))
+
+
+def test_uniform_covers_clients_uniformly():
+  """Chi-square on per-client inclusion counts, and pairs are not biased."""
+  num_clients, cohort_size, num_rounds = 20, 5, 2000
+  sampler = UniformSampler(num_clients, cohort_size, seed=123)
+  counts = np.zeros(num_clients)
+  together = np.zeros([num_clients, num_clients])
+  for t in range(num_rounds):
+    cohort = sampler.sample(t)
+    counts[cohort] += 1
+    together[np.ix_(cohort, cohort)] += 1
+  expected = num_rounds * cohort_size / num_clients
+  chi_square = np.sum((counts - expected) ** 2 / expected)
+  # df = 19: the 99.9% quantile is 43.8 (and the without-replacement
+  # constraint only shrinks the statistic).
+  assert chi_square < 43.8, chi_square
+  # Each pair co-occurs with probability k(k-1) / (N(N-1)).
+  pair_expected = num_rounds * cohort_size * (cohort_size - 1) / (
+      num_clients * (num_clients - 1))
+  off_diagonal = together[~np.eye(num_clients, dtype=bool)]
+  pair_sd = math.sqrt(pair_expected)
+  assert abs(off_diagonal.mean() - pair_expected) < 0.05 * pair_expected
+  assert np.max(np.abs(off_diagonal - pair_expected)) < 5 * pair_sd
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(num_clients=5, cohort_size=6, seed=0), "cannot exceed"),
+    (dict(num_clients=5, cohort_size=0, seed=0), "cohort_size must be >= 1"),
+    (dict(num_clients=0, cohort_size=1, seed=0), "num_clients must be >= 1"),
+    (dict(num_clients=5, cohort_size=2, seed=-1), "seed must be >= 0"),
+])
+def test_uniform_rejects_bad_arguments(kwargs, error):
+  with pytest.raises(ValueError, match=error):
+    UniformSampler(**kwargs)
+
+
+def test_uniform_rejects_non_integers():
+  with pytest.raises(TypeError, match="cohort_size must be an integer"):
+    UniformSampler(10, 2.5, 0)
+  with pytest.raises(ValueError, match="round_index must be >= 0"):
+    UniformSampler(10, 2, 0).sample(-1)
+
+
+def test_kinds():
+  assert UniformSampler(3, 1, 0).kind == "fixed"
+  assert PoissonSampler(3, 0.5, 0).kind == "poisson"
+
+
+# ----------------------------------------------------------------- poisson
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_clients=st.integers(1, 500),
+       sampling_rate=st.floats(1e-3, 1.0),
+       seed=st.integers(0, 2**63 - 1), round_index=st.integers(0, 10**9))
+def test_poisson_shape_and_determinism(num_clients, sampling_rate, seed,
+                                       round_index):
+  sampler = PoissonSampler(num_clients, sampling_rate, seed)
+  cohort = sampler.sample(round_index)
+  _check_cohort(cohort, num_clients)
+  np.testing.assert_array_equal(
+      cohort,
+      PoissonSampler(num_clients, sampling_rate, seed).sample(round_index))
+
+
+def test_poisson_cohort_size_moments():
+  """Size ~ Binomial(N, q): mean N q and variance N q (1 - q)."""
+  num_clients, rate, num_rounds = 1000, 0.05, 2000
+  sampler = PoissonSampler(num_clients, rate, seed=2024)
+  sizes = np.array([len(sampler.sample(t)) for t in range(num_rounds)])
+  mean = num_clients * rate
+  variance = num_clients * rate * (1 - rate)
+  assert sampler.expected_cohort_size == pytest.approx(mean)
+  # 5 standard errors of each estimator.
+  assert abs(sizes.mean() - mean) < 5 * math.sqrt(variance / num_rounds)
+  variance_se = variance * math.sqrt(2 / (num_rounds - 1))
+  assert abs(sizes.var(ddof=1) - variance) < 5 * variance_se
+  assert len(set(sizes.tolist())) > 10, "cohort size must actually vary"
+
+
+def test_poisson_per_client_inclusion_rate():
+  num_clients, rate, num_rounds = 50, 0.2, 2000
+  sampler = PoissonSampler(num_clients, rate, seed=5)
+  counts = np.zeros(num_clients)
+  for t in range(num_rounds):
+    counts[sampler.sample(t)] += 1
+  expected = num_rounds * rate
+  sd = math.sqrt(num_rounds * rate * (1 - rate))
+  assert np.max(np.abs(counts - expected)) < 5 * sd
+  chi_square = np.sum((counts - expected) ** 2 / (sd**2))
+  # df = 50: the 99.9% quantile is 86.7.
+  assert chi_square < 86.7, chi_square
+
+
+def test_poisson_can_be_empty_and_full():
+  small = PoissonSampler(10, 0.01, seed=0)
+  empties = [c for c in (small.sample(t) for t in range(100)) if c.size == 0]
+  assert empties, "P(empty) = 0.9 per round; 100 rounds must hit one"
+  assert empties[0].dtype == np.int64 and empties[0].shape == (0,)
+  np.testing.assert_array_equal(PoissonSampler(6, 1.0, 0).sample(3),
+                                np.arange(6))
+
+
+def test_poisson_varies_across_rounds_and_is_stateless():
+  sampler = PoissonSampler(500, 0.1, seed=9)
+  drawn = [sampler.sample(t) for t in range(30)]
+  assert len({tuple(c) for c in drawn}) == 30
+  np.testing.assert_array_equal(PoissonSampler(500, 0.1, 9).sample(17),
+                                drawn[17])
+
+
+def test_poisson_and_uniform_streams_are_unrelated():
+  """Same seed must not make the two schemes pick correlated clients."""
+  uniform = UniformSampler(1000, 100, seed=0).sample(0)
+  poisson = PoissonSampler(1000, 0.1, seed=0).sample(0)
+  overlap = len(np.intersect1d(uniform, poisson))
+  # Independent draws overlap in ~10 clients (sd ~3).
+  assert overlap < 30
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.1, 1.5, float("nan")])
+def test_poisson_rejects_bad_rate(rate):
+  with pytest.raises(ValueError, match=r"sampling_rate must be in \(0, 1\]"):
+    PoissonSampler(10, rate, 0)
+
+
+def test_poisson_rejects_non_numbers():
+  with pytest.raises(TypeError, match="sampling_rate must be a number"):
+    PoissonSampler(10, "0.1", 0)
+  with pytest.raises(ValueError, match="seed"):
+    PoissonSampler(10, 0.1, -3)
+
+
+# ------------------------------------------------------------ make_sampler
+
+
+def test_make_sampler_kinds():
+  fixed = make_sampler("fixed", 10, cohort_size=3, seed=4)
+  assert isinstance(fixed, UniformSampler) and fixed.cohort_size == 3
+  np.testing.assert_array_equal(fixed.sample(2),
+                                UniformSampler(10, 3, 4).sample(2))
+  assert isinstance(make_sampler("uniform", 10, cohort_size=3),
+                    UniformSampler)
+  poisson = make_sampler("Poisson", 10, sampling_rate=0.3, seed=1)
+  assert isinstance(poisson, PoissonSampler)
+  assert poisson.expected_cohort_size == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("kind, kwargs, error", [
+    ("fixed", {}, "needs cohort_size"),
+    ("poisson", {}, "needs sampling_rate"),
+    ("fixed", dict(cohort_size=2, sampling_rate=0.1), "only meaningful"),
+    ("poisson", dict(cohort_size=2, sampling_rate=0.1), "only meaningful"),
+    ("stratified", dict(cohort_size=2), "unknown sampler kind"),
+])
+def test_make_sampler_rejects_bad_configs(kind, kwargs, error):
+  with pytest.raises(ValueError, match=error):
+    make_sampler(kind, 10, **kwargs)
+
