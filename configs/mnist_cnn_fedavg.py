@@ -10,7 +10,7 @@ from configs import common
 
 def get_config(mode: str = ""):
   config = common.base_config()
-  config.num_rounds = 150
+  config.num_rounds = 100
   config.cohort_size = 10
   config.eval_every = 25
   config.data.update({"name": "mnist", "num_clients": 100,

@@ -155,8 +155,10 @@ def from_flax(module: nn.Module, example_x: jax.Array,
                        train=False)["params"]
 
   def apply(params, batch, rng, train):
+    # Without an rng there is nothing to drive dropout: run deterministically.
     rngs = {"dropout": rng} if rng is not None else None
-    return module.apply({"params": params}, batch["x"], train=train, rngs=rngs)
+    return module.apply({"params": params}, batch["x"],
+                        train=train and rng is not None, rngs=rngs)
 
   return Model(init=init, apply=apply, example_loss=example_loss,
                example_metrics=dict(example_metrics),

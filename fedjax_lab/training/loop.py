@@ -76,7 +76,11 @@ def run_experiment(exp: Experiment, workdir: str,
       max_examples=config.get("eval_max_examples", 0) or None)
 
   client = config.client
-  min_cohort = config.cohort_size if config.sampling == "fixed" else 0
+  # A fixed-size cohort has exactly one shape: no bucket padding needed.
+  cohort_buckets = None
+  if config.sampling == "fixed":
+    cohort_buckets = [-(-config.cohort_size // cohort_multiple_of) *
+                      cohort_multiple_of]
 
   def produce(round_index: int):
     indices = exp.sampler.sample(round_index)
@@ -84,7 +88,7 @@ def run_experiment(exp: Experiment, workdir: str,
         train, indices, batch_size=client.batch_size,
         num_epochs=client.num_epochs, max_steps=client.max_steps or None,
         seed=config.seed, round_index=round_index,
-        cohort_multiple_of=cohort_multiple_of, min_cohort_size=min_cohort)
+        cohort_buckets=cohort_buckets, cohort_multiple_of=cohort_multiple_of)
     return round_lib.cohort_arrays(batch)
 
   progress = None
