@@ -185,6 +185,9 @@ def _finish_round(algorithm, server_state, agg_state, sums, num_clients, rng):
   metrics.update(server_metrics)
   metrics["num_clients"] = num_clients
   metrics["total_weight"] = total_weight
+  metrics["params_finite"] = jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(server_state.params)]
+  )).astype(jnp.float32)
   return server_state, metrics
 
 

@@ -115,11 +115,14 @@ def run_experiment(exp: Experiment, workdir: str,
                   "cohort_padded_size": int(cohort["client_mask"].shape[0]),
                   "local_steps_padded": int(cohort["example_mask"].shape[1])}
         record["seconds"] = time.perf_counter() - round_start
-        if not math.isfinite(metrics.get("train_loss", 0.0)):
+        if (not math.isfinite(metrics.get("train_loss", 0.0)) or
+            metrics.get("params_finite", 1.0) < 1.0):
           writer.write(record)
           raise DivergedError(
               f"round {round_index + 1}: train_loss is "
-              f"{metrics['train_loss']}; training diverged. Lower "
+              f"{metrics['train_loss']} and the model parameters are "
+              f"{'finite' if metrics.get('params_finite') else 'NOT finite'}; "
+              "training diverged. Lower "
               f"client.learning_rate or server.learning_rate. Metrics up to "
               f"here are in {writer.path}.")
         is_last = round_index + 1 == config.num_rounds
