@@ -78,36 +78,45 @@ def _masked_step(algorithm: base.FederatedAlgorithm):
   return step
 
 
-def _local_training(algorithm, step_loop: str):
-  """(carry, features [S,B,..], mask [S,B]) -> carry, with the chosen loop."""
-  step = _masked_step(algorithm)
+def _group_fn(algorithm, step_loop: str):
+  """Trains a group of G clients together (vmapped), steps in a loop.
 
-  def run(carry, features, mask):
+  Returns ``run_group(broadcast, agg_state, round_rng, client_states,
+  features [G,S,B,..], mask [G,S,B], num_examples [G], client_indices [G]) ->
+  (delta, weight, client_state, metrics, transform_metrics)``, each with a
+  leading ``[G]`` axis. A step in which no client of the group has a real
+  example is skipped outright (``lax.cond`` outside the vmap), so bucket
+  padding and, with small groups, uneven client sizes cost no compute.
+  """
+  step = jax.vmap(_masked_step(algorithm))
+
+  def step_or_skip(carry, batch, mask):
+    return jax.lax.cond(jnp.any(mask > 0), step, lambda c, b, m: c, carry,
+                        batch, mask)
+
+  def run_group(broadcast, agg_state, round_rng, client_states, features,
+                mask, num_examples, client_indices):
+    rngs = jax.vmap(lambda i: jax.random.fold_in(round_rng, i))(client_indices)
+    carry = jax.vmap(algorithm.client_init, in_axes=(None, 0, 0))(
+        broadcast, client_states, rngs)
+
+    def at_step(s):
+      take = lambda a: jax.lax.dynamic_index_in_dim(a, s, 1, keepdims=False)
+      return jax.tree.map(take, features), take(mask)
+
+    num_steps = mask.shape[1]
     if step_loop == "scan":
-      def body(c, xs):
-        return step(c, xs[0], xs[1]), None
-      carry, _ = jax.lax.scan(body, carry, (features, mask))
-      return carry
-    num_steps = mask.shape[0]
-    for s in range(num_steps):  # "unroll": S is static.
-      carry = step(carry, jax.tree.map(lambda a, s=s: a[s], features), mask[s])
-    return carry
+      def body(c, s):
+        return step_or_skip(c, *at_step(s)), None
+      carry, _ = jax.lax.scan(body, carry, jnp.arange(num_steps))
+    else:  # "unroll": S is static.
+      for s in range(num_steps):
+        carry = step_or_skip(carry, *at_step(s))
+    return jax.vmap(
+        lambda c, n: _finish_client(algorithm, broadcast, agg_state, c, n))(
+            carry, num_examples)
 
-  return run
-
-
-def _client_fn(algorithm, step_loop):
-  """One client, start to finish: -> (delta, weight, state, metrics, tmetrics)."""
-  local_training = _local_training(algorithm, step_loop)
-
-  def run_client(broadcast, agg_state, round_rng, client_state, features,
-                 mask, num_examples, client_index):
-    rng = jax.random.fold_in(round_rng, client_index)
-    carry = algorithm.client_init(broadcast, client_state, rng)
-    carry = local_training(carry, features, mask)
-    return _finish_client(algorithm, broadcast, agg_state, carry, num_examples)
-
-  return run_client
+  return run_group
 
 
 def _finish_client(algorithm, broadcast, agg_state, carry, num_examples):
@@ -134,21 +143,27 @@ def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
-def _chunk(tree, num_chunks: int):
-  """[C, ...] -> [num_chunks, C // num_chunks, ...], chunk j = clients j::num_chunks.
+def _chunk(tree, num_chunks: int, strided: bool):
+  """[C, ...] -> [num_chunks, C // num_chunks, ...].
 
-  Strided chunks keep each chunk spread over the devices a sharded client axis
-  lives on (a contiguous block per device), so no data moves.
+  Contiguous chunks (clients ``j*k:(j+1)*k``) keep clients sorted by size
+  together, so a chunk stops when its largest client does. Strided chunks
+  (clients ``j::num_chunks``) keep each chunk spread over the devices of a
+  sharded client axis (a contiguous block per device), so no data moves.
   """
   def f(a):
     per_chunk = a.shape[0] // num_chunks
+    if not strided:
+      return a.reshape((num_chunks, per_chunk) + a.shape[1:])
     return jnp.swapaxes(a.reshape((per_chunk, num_chunks) + a.shape[1:]), 0, 1)
   return jax.tree.map(f, tree)
 
 
-def _unchunk(tree):
+def _unchunk(tree, strided: bool):
   def f(a):
-    return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
+    if strided:
+      a = jnp.swapaxes(a, 0, 1)
+    return a.reshape((-1,) + a.shape[2:])
   return jax.tree.map(f, tree)
 
 
@@ -210,9 +225,7 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     how many times it was traced (compiled).
   """
   trace_counter = [0]
-  run_client = _client_fn(algorithm, strategy.step_loop)
-  client_axes = (None, None, None, 0, 0, 0, 0, 0)
-  vmapped_client = jax.vmap(run_client, in_axes=client_axes)
+  run_group = _group_fn(algorithm, strategy.step_loop)
 
   def shard(tree):
     if mesh is None:
@@ -229,35 +242,28 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     per_client = shard(per_client)
     client_mask = shard(cohort["client_mask"])
     if strategy.client_parallel == "vmap":
-      outputs = vmapped_client(broadcast, agg_state, round_rng, *per_client)
+      outputs = run_group(broadcast, agg_state, round_rng, *per_client)
       return _sum_clients(outputs, client_mask), outputs[2]
 
     chunk = 1 if strategy.client_parallel == "map" else strategy.chunk_size
     num_clients = client_mask.shape[0]
     padded = _pad_clients((per_client, client_mask), chunk)
     num_chunks = -(-num_clients // chunk)
-    chunked_inputs, chunked_mask = _chunk(padded, num_chunks)
-    # Put the chunk axis first for scan: [num_chunks, chunk, ...].
-    fn = run_client if chunk == 1 else vmapped_client
+    strided = mesh is not None
+    chunked = _chunk(padded, num_chunks, strided)
 
     def body(acc, xs):
       inputs, mask = xs
-      if chunk == 1:
-        inputs = jax.tree.map(lambda a: a[0], inputs)
-        out = fn(broadcast, agg_state, round_rng, *inputs)
-        out = jax.tree.map(lambda a: a[None], out)
-      else:
-        out = fn(broadcast, agg_state, round_rng, *inputs)
+      out = run_group(broadcast, agg_state, round_rng, *inputs)
       sums = _sum_clients(out, mask)
       return (sums if acc is None else _add(acc, sums)), out[2]
 
-    first = jax.tree.map(lambda a: a[0], (chunked_inputs, chunked_mask))
+    first = jax.tree.map(lambda a: a[0], chunked)
     acc_shape, _ = jax.eval_shape(lambda xs: body(None, xs), first)
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), acc_shape)
-    sums, states = jax.lax.scan(body, zeros,
-                                (chunked_inputs, chunked_mask))
-    states = jax.tree.map(lambda a: a[:num_clients], _unchunk(states))
-    return sums, states
+    sums, states = jax.lax.scan(body, zeros, chunked)
+    states = _unchunk(states, strided)
+    return sums, jax.tree.map(lambda a: a[:num_clients], states)
 
   def round_fn(server_state, cohort, client_states, rng):
     trace_counter[0] += 1
@@ -311,7 +317,9 @@ def _build_host_loop_round(algorithm, mesh, donate, trace_counter, shard):
   def round_fn(server_state, cohort, client_states, rng):
     carry = init(server_state, client_states, cohort["client_indices"], rng)
     features, mask = cohort["features"], cohort["example_mask"]
-    for s in range(mask.shape[1]):
+    # Steps after the longest client's last step are padding: skip them.
+    active_steps = np.flatnonzero(np.asarray(mask).any(axis=(0, 2)))
+    for s in range(active_steps[-1] + 1 if len(active_steps) else 0):
       carry = jitted_step(carry, jax.tree.map(lambda a: a[:, s], features),
                           mask[:, s])
     return finish(server_state, carry, cohort, rng)

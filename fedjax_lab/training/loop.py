@@ -84,6 +84,9 @@ def run_experiment(exp: Experiment, workdir: str,
 
   def produce(round_index: int):
     indices = exp.sampler.sample(round_index)
+    # Largest clients first: a chunk of similar sizes stops together, and the
+    # result does not depend on client order.
+    indices = indices[np.argsort(-train.client_sizes[indices], kind="stable")]
     batch = cohort_lib.make_cohort(
         train, indices, batch_size=client.batch_size,
         num_epochs=client.num_epochs, max_steps=client.max_steps or None,
