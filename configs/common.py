@@ -8,6 +8,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.num_rounds = 100
+  config.max_seconds = 0.0  # > 0: stop cleanly after the round that passes it
   config.algorithm = "fedavg"
   config.weighting = "num_examples"
   config.sampling = "fixed"

@@ -102,6 +102,7 @@ def run_experiment(exp: Experiment, workdir: str,
   start = time.perf_counter()
   last_eval: dict[str, float] = {}
   rounds_done = 0
+  stopped_early = None
   try:
     with Prefetcher(produce, range(config.num_rounds)) as prefetcher:
       for round_index, cohort in prefetcher:
@@ -128,7 +129,9 @@ def run_experiment(exp: Experiment, workdir: str,
               "training diverged. Lower "
               f"client.learning_rate or server.learning_rate. Metrics up to "
               f"here are in {writer.path}.")
-        is_last = round_index + 1 == config.num_rounds
+        out_of_time = bool(config.get("max_seconds", 0)) and (
+            time.perf_counter() - start > config.max_seconds)
+        is_last = round_index + 1 == config.num_rounds or out_of_time
         if is_last or (config.eval_every and
                        (round_index + 1) % config.eval_every == 0):
           last_eval = evaluate(server_state.params, eval_features, eval_mask)
@@ -141,6 +144,10 @@ def run_experiment(exp: Experiment, workdir: str,
             postfix["eval_acc"] = f"{last_eval['accuracy']:.3f}"
           progress.set_postfix(postfix, refresh=False)
           progress.update(1)
+        if out_of_time:
+          stopped_early = (f"max_seconds={config.max_seconds} reached after "
+                           f"round {round_index + 1}")
+          break
   finally:
     if progress is not None:
       progress.close()
@@ -152,6 +159,7 @@ def run_experiment(exp: Experiment, workdir: str,
       **{f"final_eval_{k}": v for k, v in last_eval.items()
          if k not in ("accuracy", "loss")},
       "rounds": rounds_done,
+      "stopped_early": stopped_early,
       "seconds": time.perf_counter() - start,
       "algorithm": exp.algorithm.name,
       "dataset": exp.dataset.name,

@@ -127,3 +127,16 @@ def test_cli_reports_bad_config_and_exits_nonzero(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert "cohort_size" in result.stderr
+
+
+def test_max_seconds_stops_cleanly_with_final_eval(tmp_path):
+  config = _load_config("synthetic_logreg_fedavg")
+  config.num_rounds = 50
+  config.eval_every = 0
+  config.max_seconds = 1e-9
+  summary = loop.run_experiment(setup.build_experiment(config), str(tmp_path),
+                                show_progress=False)
+  records = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert summary["rounds"] == 1 and len(records) == 1
+  assert "max_seconds" in summary["stopped_early"]
+  assert records[-1]["eval_accuracy"] == summary["final_eval_accuracy"]
