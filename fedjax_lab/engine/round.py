@@ -78,7 +78,7 @@ def _masked_step(algorithm: base.FederatedAlgorithm):
   return step
 
 
-def _group_fn(algorithm, step_loop: str):
+def _group_fn(algorithm, step_loop: str, max_unroll_steps: int):
   """Trains a group of G clients together (vmapped), steps in a loop.
 
   Returns ``run_group(broadcast, agg_state, round_rng, client_states,
@@ -105,7 +105,7 @@ def _group_fn(algorithm, step_loop: str):
       return jax.tree.map(take, features), take(mask)
 
     num_steps = mask.shape[1]
-    if step_loop == "scan":
+    if step_loop == "scan" or num_steps > max_unroll_steps:
       def body(c, s):
         return step_or_skip(c, *at_step(s)), None
       carry, _ = jax.lax.scan(body, carry, jnp.arange(num_steps))
@@ -225,7 +225,8 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     how many times it was traced (compiled).
   """
   trace_counter = [0]
-  run_group = _group_fn(algorithm, strategy.step_loop)
+  run_group = _group_fn(algorithm, strategy.step_loop,
+                        strategy.max_unroll_steps)
 
   def shard(tree):
     if mesh is None:

@@ -7,7 +7,8 @@ Two independent choices (see docs/ARCHITECTURE.md and the benchmark):
   memory of one client), ``"chunked"`` (``chunk_size`` clients vmapped at a
   time, chunks in sequence).
 * ``step_loop``: ``"scan"`` (``lax.scan`` over local steps), ``"unroll"``
-  (steps unrolled into the compiled round; compile time grows with steps),
+  (steps unrolled into the compiled round; compile time grows with steps, so
+  rounds with more than ``max_unroll_steps`` padded steps use scan),
   ``"host"`` (a Python loop calling a jitted, vmapped step; the round is then
   three compiled functions instead of one; only with ``vmap``).
 
@@ -35,11 +36,15 @@ class Strategy:
     client_parallel: one of ``CLIENT_PARALLEL``.
     step_loop: one of ``STEP_LOOPS``.
     chunk_size: clients per chunk for ``"chunked"``.
+    max_unroll_steps: with ``"unroll"``, rounds padded to more local steps
+      than this fall back to ``lax.scan`` (unrolled compile time grows
+      linearly with the steps).
   """
 
   client_parallel: str = "vmap"
   step_loop: str = "scan"
   chunk_size: int = 8
+  max_unroll_steps: int = 32
 
   def __post_init__(self):
     if self.client_parallel not in CLIENT_PARALLEL:
@@ -61,11 +66,12 @@ class Strategy:
     return f"{self.client_parallel}+{self.step_loop}"
 
 
-# (backend, model family) -> strategy measured fastest by experiments/bench.py.
+# (backend, model family) -> strategy measured fastest by experiments/bench.py
+# (experiments/results/bench_cpu.md: W1 CNN, W2 logistic, W3 char-LSTM).
 _DEFAULTS = {
-    ("cpu", "conv"): Strategy("vmap", "unroll"),
+    ("cpu", "conv"): Strategy("chunked", "unroll", chunk_size=10),
     ("cpu", "dense"): Strategy("vmap", "scan"),
-    ("cpu", "recurrent"): Strategy("vmap", "scan"),
+    ("cpu", "recurrent"): Strategy("map", "scan"),
 }
 _FALLBACK = Strategy("vmap", "scan")
 

@@ -21,6 +21,7 @@ ALL_STRATEGIES = [
     Strategy("vmap", "host"), Strategy("map", "scan"),
     Strategy("map", "unroll"), Strategy("chunked", "scan", chunk_size=2),
     Strategy("chunked", "unroll", chunk_size=3),
+    Strategy("vmap", "unroll", max_unroll_steps=2),  # falls back to scan
 ]
 RNG = jax.random.key(7)
 
