@@ -325,3 +325,27 @@ def make_eval_batches(
   mask = np.zeros(num_slots, np.float32)
   mask[:num_rows] = 1.0
   return features, mask.reshape(shape)
+
+
+def make_round_cohort(store: ClientStore, client_indices: np.ndarray, *,
+                      batch_size: int, num_epochs: int,
+                      max_steps: int | None, seed: int, round_index: int,
+                      fixed_cohort_size: int | None = None,
+                      cohort_multiple_of: int = 1) -> CohortBatch:
+  """The cohort of a training round, as the runner (and the benchmark) builds it.
+
+  Clients are ordered largest first, so a chunk of similar clients stops
+  together (the round result does not depend on the order). A fixed-size
+  cohort (``fixed_cohort_size``) is padded to exactly that size rounded up to
+  ``cohort_multiple_of``; a Poisson cohort to the bucket series.
+  """
+  client_indices = np.asarray(client_indices, dtype=np.int64)
+  order = np.argsort(-store.client_sizes[client_indices], kind="stable")
+  cohort_buckets = None
+  if fixed_cohort_size is not None:
+    cohort_buckets = [-(-fixed_cohort_size // cohort_multiple_of) *
+                      cohort_multiple_of]
+  return make_cohort(store, client_indices[order], batch_size=batch_size,
+                     num_epochs=num_epochs, max_steps=max_steps, seed=seed,
+                     round_index=round_index, cohort_buckets=cohort_buckets,
+                     cohort_multiple_of=cohort_multiple_of)

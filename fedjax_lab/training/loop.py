@@ -76,22 +76,16 @@ def run_experiment(exp: Experiment, workdir: str,
       max_examples=config.get("eval_max_examples", 0) or None)
 
   client = config.client
-  # A fixed-size cohort has exactly one shape: no bucket padding needed.
-  cohort_buckets = None
-  if config.sampling == "fixed":
-    cohort_buckets = [-(-config.cohort_size // cohort_multiple_of) *
-                      cohort_multiple_of]
+  fixed_cohort_size = (config.cohort_size if config.sampling == "fixed"
+                       else None)
 
   def produce(round_index: int):
-    indices = exp.sampler.sample(round_index)
-    # Largest clients first: a chunk of similar sizes stops together, and the
-    # result does not depend on client order.
-    indices = indices[np.argsort(-train.client_sizes[indices], kind="stable")]
-    batch = cohort_lib.make_cohort(
-        train, indices, batch_size=client.batch_size,
+    batch = cohort_lib.make_round_cohort(
+        train, exp.sampler.sample(round_index), batch_size=client.batch_size,
         num_epochs=client.num_epochs, max_steps=client.max_steps or None,
         seed=config.seed, round_index=round_index,
-        cohort_buckets=cohort_buckets, cohort_multiple_of=cohort_multiple_of)
+        fixed_cohort_size=fixed_cohort_size,
+        cohort_multiple_of=cohort_multiple_of)
     return round_lib.cohort_arrays(batch)
 
   progress = None
