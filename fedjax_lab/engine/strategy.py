@@ -69,8 +69,8 @@ class Strategy:
 # (backend, model family) -> strategy measured fastest by experiments/bench.py
 # (experiments/results/bench_cpu.md: W1 CNN, W2 logistic, W3 char-LSTM).
 _DEFAULTS = {
-    ("cpu", "conv"): Strategy("chunked", "unroll", chunk_size=10),
-    ("cpu", "dense"): Strategy("vmap", "scan"),
+    ("cpu", "conv"): Strategy("map", "unroll"),
+    ("cpu", "dense"): Strategy("chunked", "scan", chunk_size=5),
     ("cpu", "recurrent"): Strategy("map", "scan"),
     # experiments/results/gpu_h100/: on an H100, W1 (im2col CNN) is fastest
     # vmapped and unrolled; W3's LSTM ran 18% faster as chunked5+scan than
