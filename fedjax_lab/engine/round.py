@@ -294,17 +294,16 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     return server_state, new_states, metrics
 
   if strategy.step_loop == "host":
-    fn = _build_host_loop_round(algorithm, mesh, donate, trace_counter, shard)
+    fn = _build_host_loop_round(algorithm, donate, trace_counter, shard)
   else:
     fn = jax.jit(round_fn, donate_argnums=(0, 2) if donate else ())
   fn.trace_count = lambda: trace_counter[0]
   return fn
 
 
-def _build_host_loop_round(algorithm, mesh, donate, trace_counter, shard):
+def _build_host_loop_round(algorithm, donate, trace_counter, shard):
   """vmap over clients, Python loop over steps calling one jitted step."""
   step = jax.vmap(_masked_step(algorithm))
-  del mesh
 
   @jax.jit
   def init(server_state, client_states, client_indices, rng):
