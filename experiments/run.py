@@ -55,6 +55,9 @@ def main(argv):
   try:
     summary = loop.run_experiment(experiment, workdir,
                                   show_progress=_PROGRESS.value)
+  except FileExistsError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   except loop.DivergedError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)

@@ -49,12 +49,18 @@ def run_experiment(exp: Experiment, workdir: str,
   Raises:
     DivergedError: a round's training loss was NaN/inf (the metrics file keeps
       every round before it).
+    FileExistsError: ``workdir`` already holds a run (it is left untouched).
   """
   config = exp.config
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics_path):
+    raise FileExistsError(
+        f"{workdir} already holds a run ({metrics_path}); pass a new "
+        "--workdir (nothing there was changed).")
   os.makedirs(workdir, exist_ok=True)
   metrics_io.write_json(os.path.join(workdir, "config.json"),
                         json.loads(config.to_json_best_effort()))
-  writer = metrics_io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  writer = metrics_io.JsonlWriter(metrics_path)
 
   mesh = None
   if config.get("shard_clients", True) and jax.device_count() > 1:

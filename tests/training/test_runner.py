@@ -140,3 +140,14 @@ def test_max_seconds_stops_cleanly_with_final_eval(tmp_path):
   assert summary["rounds"] == 1 and len(records) == 1
   assert "max_seconds" in summary["stopped_early"]
   assert records[-1]["eval_accuracy"] == summary["final_eval_accuracy"]
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+  config = _load_config("synthetic_logreg_fedavg")
+  loop.run_experiment(setup.build_experiment(config), str(tmp_path),
+                      show_progress=False)
+  before = (tmp_path / "metrics.jsonl").read_text()
+  with pytest.raises(FileExistsError, match="new --workdir"):
+    loop.run_experiment(setup.build_experiment(config), str(tmp_path),
+                        show_progress=False)
+  assert (tmp_path / "metrics.jsonl").read_text() == before
