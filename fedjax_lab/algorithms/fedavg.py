@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -170,12 +171,12 @@ def fedsgd(model: model_base.Model,
   the weighted average of client gradients. Local batches only split the
   computation; they do not change the result.
   """
-  _check_weighting(weighting)
-  aggregator = aggregator or base.weighted_mean()
-  inner = fedopt(model, optax.sgd(1.0), server_optimizer, weighting,
-                 aggregator, name="fedsgd")
+  # Server side (init, broadcast, aggregation, server step) is FedOpt's; only
+  # the client part differs. FedOpt's client optimizer is never used here.
+  server_side = fedopt(model, optax.sgd(1.0), server_optimizer, weighting,
+                       aggregator, name="fedsgd")
 
-  def client_init_with_params(global_params, client_state, rng):
+  def client_init(global_params, client_state, rng):
     del client_state
     zero = jnp.zeros([], jnp.float32)
     # The global params ride along: every local gradient is taken at them.
@@ -183,7 +184,7 @@ def fedsgd(model: model_base.Model,
             GradCarry(jax.tree.map(jnp.zeros_like, global_params), rng, zero,
                       zero))
 
-  def client_step_with_params(carry, batch, mask):
+  def client_step(carry, batch, mask):
     global_params, inner_carry = carry
     rng, step_rng = jax.random.split(inner_carry.rng)
     grads, loss_sum, weight_sum = _masked_loss_and_grad(
@@ -205,8 +206,6 @@ def fedsgd(model: model_base.Model,
         metrics={"train_loss": (inner_carry.loss_sum,
                                 inner_carry.loss_weight)})
 
-  return base.FederatedAlgorithm(
-      name="fedsgd", server_init=inner.server_init,
-      broadcast=inner.broadcast, client_init=client_init_with_params,
-      client_step=client_step_with_params, client_final=client_final,
-      aggregator=aggregator, server_update=inner.server_update)
+  return dataclasses.replace(server_side, client_init=client_init,
+                             client_step=client_step,
+                             client_final=client_final)
