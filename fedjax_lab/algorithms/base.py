@@ -72,8 +72,9 @@ class ClientUpdate(NamedTuple):
 class Aggregator(NamedTuple):
   """Turns client deltas into one server update, optax-style.
 
-  ``client_transform(delta, weight, state) -> (delta, weight, metrics)`` runs
-  once per client (vectorised); the engine then forms
+  ``client_transform(delta, weight, state, rng) -> (delta, weight, metrics)``
+  runs once per client (vectorised; ``rng`` is the client's own key, e.g. for
+  local-DP noise); the engine then forms
   ``weighted_sum = sum_k mask_k * weight_k * delta_k`` and
   ``total_weight = sum_k mask_k * weight_k``, and calls
   ``finalize(weighted_sum, total_weight, num_clients, state, rng) ->
@@ -82,7 +83,7 @@ class Aggregator(NamedTuple):
   """
 
   init: Callable[[], PyTree]
-  client_transform: Callable[[PyTree, jax.Array, PyTree],
+  client_transform: Callable[[PyTree, jax.Array, PyTree, jax.Array],
                              tuple[PyTree, jax.Array, Metrics]]
   finalize: Callable[[PyTree, jax.Array, jax.Array, PyTree, jax.Array],
                      tuple[PyTree, PyTree, Metrics]]
@@ -91,8 +92,8 @@ class Aggregator(NamedTuple):
 def weighted_mean() -> Aggregator:
   """``sum_k w_k delta_k / sum_k w_k`` over the real clients (0 if none)."""
 
-  def client_transform(delta, weight, state):
-    del state
+  def client_transform(delta, weight, state, rng):
+    del state, rng
     return delta, weight, {}
 
   def finalize(weighted_sum, total_weight, num_clients, state, rng):

@@ -37,6 +37,11 @@ PyTree = Any
 RoundFn = Callable[..., tuple[base.ServerState, PyTree, dict[str, jax.Array]]]
 
 
+# Folded into the round key for the aggregator's noise, and into each client's
+# key for its transform's (local DP) noise; training itself uses other folds.
+_AGGREGATOR_RNG_TAG = 2**31 - 1
+
+
 def cohort_arrays(cohort) -> dict[str, Any]:
   """The engine's view of a ``data.cohort.CohortBatch`` (numpy, host side)."""
   return {
@@ -129,16 +134,20 @@ def _group_fn(algorithm, step_loop: str, max_unroll_steps: int):
     else:  # "unroll": S is static.
       for s in range(num_steps):
         carry = step_or_skip(carry, *at_step(s))
-    finish = lambda c, n: _finish_client(algorithm, broadcast, agg_state, c, n)
-    return _over_group(finish, (0, 0), group_size)(carry, num_examples)
+    finish = lambda c, n, r: _finish_client(algorithm, broadcast, agg_state, c,
+                                            n, r)
+    return _over_group(finish, (0, 0, 0), group_size)(carry, num_examples,
+                                                      rngs)
 
   return run_group
 
 
-def _finish_client(algorithm, broadcast, agg_state, carry, num_examples):
+def _finish_client(algorithm, broadcast, agg_state, carry, num_examples,
+                   client_rng):
   update = algorithm.client_final(broadcast, carry, num_examples)
   delta, weight, transform_metrics = algorithm.aggregator.client_transform(
-      update.delta, update.weight, agg_state)
+      update.delta, update.weight, agg_state,
+      jax.random.fold_in(client_rng, _AGGREGATOR_RNG_TAG))
   return delta, weight, update.client_state, update.metrics, transform_metrics
 
 
@@ -197,8 +206,6 @@ def _pad_clients(tree, multiple: int):
   return jax.tree.map(f, tree)
 
 
-# Folded into the round key for the aggregator's noise (clients use their index).
-_AGGREGATOR_RNG_TAG = 2**31 - 1
 
 
 def _finish_round(algorithm, server_state, agg_state, sums, num_clients, rng):
@@ -321,9 +328,11 @@ def _build_host_loop_round(algorithm, donate, trace_counter, shard):
     round_rng = jax.random.fold_in(rng, server_state.round)
     broadcast = algorithm.broadcast(server_state)
     agg_state = server_state.aggregator_state
+    rngs = jax.vmap(lambda i: jax.random.fold_in(round_rng, i))(
+        cohort["client_indices"])
     outputs = jax.vmap(
-        lambda c, n: _finish_client(algorithm, broadcast, agg_state, c, n))(
-            carry, cohort["num_examples"])
+        lambda c, n, r: _finish_client(algorithm, broadcast, agg_state, c, n,
+                                       r))(carry, cohort["num_examples"], rngs)
     sums = _sum_clients(outputs, shard(cohort["client_mask"]))
     num_clients = jnp.sum(cohort["client_mask"])
     server_state, metrics = _finish_round(algorithm, server_state, agg_state,
