@@ -1,0 +1,261 @@
+"""DP aggregators: clip every client's update, add Gaussian noise, average.
+
+Each factory returns an :class:`~fedjax_lab.algorithms.base.Aggregator`, so
+any algorithm built on the engine (FedAvg, FedOpt with any optax server
+optimizer, FedSGD) becomes its DP version by passing one of these. Clipping
+runs per client inside the compiled round; noise is added once to the sum of
+clipped updates in ``finalize``; nothing leaves the jitted function.
+
+Metric names say what they measure: ``dp_noise_std`` is the std of the noise
+on the SUM of clipped updates (per coordinate), ``dp_noise_std_on_mean`` the
+std on the aggregate the server optimizer sees, ``signal_to_noise`` the norm
+of the clipped sum over the expected norm of the noise
+(``dp_noise_std * sqrt(num_params)``), ``fraction_clipped`` the fraction of
+the round's clients whose update was longer than the clip norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lab.algorithms import base
+from fedjax_lab.privacy.clipping import clip_to_norm
+from fedjax_lab.privacy.clipping import global_norm
+
+PyTree = base.PyTree
+
+
+def _num_params(tree: PyTree) -> int:
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def add_gaussian_noise(tree: PyTree, noise_std: jax.Array | float,
+                       rng: jax.Array) -> PyTree:
+  """``tree + N(0, noise_std^2 I)``, an independent draw for every leaf."""
+  if isinstance(noise_std, (int, float)) and noise_std == 0:
+    return tree
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(rng, max(len(leaves), 1))
+  noisy = [leaf + noise_std * jax.random.normal(key, leaf.shape, leaf.dtype)
+           for leaf, key in zip(leaves, keys)]
+  return jax.tree.unflatten(treedef, noisy)
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+  if not (value >= 0 if allow_zero else value > 0) or math.isnan(value):
+    raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got "
+                     f"{value}.")
+
+
+def noise_std_on_sum(clip_norm: float, noise_multiplier: float,
+                     expected_cohort_size: float,
+                     noise_cohort_size: float = 0) -> float:
+  """Std of the Gaussian noise added to the sum of clipped updates.
+
+  ``noise_multiplier * clip_norm`` normally. With ``noise_cohort_size`` M
+  (pfl-research's large-cohort simulation) the round trains an expected
+  cohort of m clients but the noise on the average must be the noise a
+  cohort of M would get, ``z C / M``: so the sum gets ``z C m / M``.
+  """
+  if noise_multiplier == 0:
+    return 0.0  # also with clip_norm = inf (0 * inf would be NaN)
+  scale = (expected_cohort_size / noise_cohort_size if noise_cohort_size
+           else 1.0)
+  return noise_multiplier * clip_norm * scale
+
+
+def _clip_client(delta, clip_norm):
+  clipped, norm = clip_to_norm(delta, clip_norm)
+  metrics = {"update_norm": norm,
+             "fraction_clipped": (norm > clip_norm).astype(jnp.float32)}
+  return clipped, norm, metrics
+
+
+def gaussian_sum(clip_norm: float, noise_multiplier: float,
+                 expected_cohort_size: float,
+                 noise_cohort_size: float = 0) -> base.Aggregator:
+  """DP-FedAvg's aggregation (McMahan et al. 2018, "Learning Differentially
+  Private Recurrent Language Models", ICLR; Algorithm 1 with a fixed
+  denominator).
+
+  Every client's delta is clipped to L2 norm ``clip_norm`` over the whole
+  pytree and summed with weight 1 (client weights would change the
+  sensitivity); ``N(0, (noise_multiplier * clip_norm)^2)`` is added once to
+  the sum, which is divided by ``expected_cohort_size`` — a constant, so a
+  Poisson cohort's random size is never revealed through the denominator.
+
+  Args:
+    clip_norm: L2 bound C on each client's update.
+    noise_multiplier: z, noise std / C on the sum (what the accountant sees).
+    expected_cohort_size: the fixed denominator: ``q * population`` for
+      Poisson sampling, the cohort size for fixed-size cohorts.
+    noise_cohort_size: if > 0, add the noise of a cohort of this many clients
+      (see :func:`noise_std_on_sum`); the accountant must then account for
+      that cohort (sampling rate ``noise_cohort_size / population``).
+  """
+  _check_positive("clip_norm", clip_norm)
+  _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+  _check_positive("expected_cohort_size", expected_cohort_size)
+  noise_std = noise_std_on_sum(clip_norm, noise_multiplier,
+                               expected_cohort_size, noise_cohort_size)
+
+  def client_transform(delta, weight, state, rng):
+    del weight, state, rng
+    clipped, _, metrics = _clip_client(delta, clip_norm)
+    return clipped, jnp.ones([], jnp.float32), metrics
+
+  def finalize(weighted_sum, total_weight, num_clients, state, rng):
+    del total_weight, num_clients
+    noisy_sum = add_gaussian_noise(weighted_sum, noise_std, rng)
+    aggregate = jax.tree.map(lambda s: s / expected_cohort_size, noisy_sum)
+    metrics = _noise_metrics(weighted_sum, noise_std, expected_cohort_size)
+    metrics["clip_norm"] = jnp.asarray(clip_norm, jnp.float32)
+    return aggregate, state, metrics
+
+  return base.Aggregator(init=lambda: (), client_transform=client_transform,
+                         finalize=finalize)
+
+
+def _noise_metrics(clipped_sum, noise_std, denominator):
+  """Noise stds, the clipped sum's norm and (when noise > 0) signal-to-noise."""
+  signal = global_norm(clipped_sum)
+  metrics = {
+      "dp_noise_std": jnp.asarray(noise_std, jnp.float32),
+      "dp_noise_std_on_mean": jnp.asarray(noise_std / denominator,
+                                          jnp.float32),
+      "clipped_sum_norm": signal,
+  }
+  if not isinstance(noise_std, (int, float)) or noise_std > 0:
+    expected_noise_norm = noise_std * math.sqrt(
+        max(_num_params(clipped_sum), 1))
+    metrics["signal_to_noise"] = signal / jnp.maximum(expected_noise_norm,
+                                                       1e-30)
+  return metrics
+
+
+def split_noise_multiplier(noise_multiplier: float,
+                           clipped_count_stddev: float) -> float:
+  """Noise multiplier left for the update sum when the count query takes its share.
+
+  Andrew et al. 2021, Sec. 3.1: the clipped-count query (each client
+  contributes ``b - 1/2``, sensitivity 1/2) with noise std ``sigma_b`` has
+  noise multiplier ``2 sigma_b``; two Gaussian queries compose like one with
+  ``z^-2 = z_delta^-2 + (2 sigma_b)^-2``, so the update sum gets
+  ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` and the pair is accounted as
+  one Gaussian mechanism with multiplier ``z``.
+
+  Raises:
+    ValueError: ``2 * clipped_count_stddev <= noise_multiplier`` (the count
+      would use the whole budget).
+  """
+  if noise_multiplier == 0:
+    return 0.0
+  count_multiplier = 2.0 * clipped_count_stddev
+  if count_multiplier <= noise_multiplier:
+    raise ValueError(
+        f"clipped_count_stddev={clipped_count_stddev} is too small for "
+        f"noise_multiplier={noise_multiplier}: it needs 2 * stddev > z. "
+        "Andrew et al. suggest expected_cohort_size / 20.")
+  return (noise_multiplier**-2 - count_multiplier**-2)**-0.5
+
+
+def adaptive_clipping(initial_clip_norm: float, noise_multiplier: float,
+                      expected_cohort_size: float,
+                      target_quantile: float = 0.5,
+                      clip_learning_rate: float = 0.2,
+                      clipped_count_stddev: float | None = None,
+                      noise_cohort_size: float = 0) -> base.Aggregator:
+  """DP-FedAvg with the clip norm adapted toward a quantile of update norms.
+
+  Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private Learning
+  with Adaptive Clipping" (NeurIPS), geometric update: each client reports
+  ``b = 1[||delta|| <= C]``; the server forms the noisy fraction
+  ``b_bar = (sum b + N(0, sigma_b^2)) / expected_cohort_size`` and sets
+  ``C <- C * exp(-clip_learning_rate * (b_bar - target_quantile))``. The
+  update sum gets noise multiplier ``split_noise_multiplier(z, sigma_b)`` so
+  the round as a whole is a Gaussian mechanism with multiplier ``z``.
+
+  The state is the current clip norm (float32 scalar); metrics report the
+  clip norm used this round and the noisy unclipped fraction.
+  """
+  _check_positive("initial_clip_norm", initial_clip_norm)
+  _check_positive("expected_cohort_size", expected_cohort_size)
+  if not 0 < target_quantile < 1:
+    raise ValueError(f"target_quantile must be in (0, 1), got "
+                     f"{target_quantile}.")
+  if clipped_count_stddev is None or clipped_count_stddev <= 0:
+    clipped_count_stddev = expected_cohort_size / 20.0
+  update_multiplier = split_noise_multiplier(noise_multiplier,
+                                             clipped_count_stddev)
+  scale = (expected_cohort_size / noise_cohort_size if noise_cohort_size
+           else 1.0)
+  count_noise_std = clipped_count_stddev * scale if noise_multiplier else 0.0
+
+  def init():
+    return jnp.asarray(initial_clip_norm, jnp.float32)
+
+  def client_transform(delta, weight, clip_norm, rng):
+    del weight, rng
+    clipped, norm, metrics = _clip_client(delta, clip_norm)
+    # The unclipped indicator rides along as an extra leaf of the "delta", so
+    # the engine's masked sum over clients counts it too.
+    unclipped = (norm <= clip_norm).astype(jnp.float32)
+    return (clipped, unclipped), jnp.ones([], jnp.float32), metrics
+
+  def finalize(weighted_sum, total_weight, num_clients, clip_norm, rng):
+    del total_weight, num_clients
+    clipped_sum, unclipped_count = weighted_sum
+    delta_rng, count_rng = jax.random.split(rng)
+    noise_std = update_multiplier * clip_norm * scale
+    noisy_sum = add_gaussian_noise(clipped_sum, noise_std, delta_rng)
+    aggregate = jax.tree.map(lambda s: s / expected_cohort_size, noisy_sum)
+    noisy_fraction = (unclipped_count + count_noise_std *
+                      jax.random.normal(count_rng, [])) / expected_cohort_size
+    new_clip_norm = clip_norm * jnp.exp(
+        -clip_learning_rate * (noisy_fraction - target_quantile))
+    metrics = _noise_metrics(clipped_sum, noise_std, expected_cohort_size)
+    metrics.update({"clip_norm": clip_norm,
+                    "unclipped_fraction_noisy": noisy_fraction,
+                    "update_noise_multiplier": jnp.asarray(update_multiplier,
+                                                           jnp.float32)})
+    return aggregate, new_clip_norm, metrics
+
+  return base.Aggregator(init=init, client_transform=client_transform,
+                         finalize=finalize)
+
+
+def local_gaussian(clip_norm: float, noise_multiplier: float
+                   ) -> base.Aggregator:
+  """Local DP: every client clips and noises its own update before sending.
+
+  The Gaussian mechanism applied on the device (as in, e.g., Truex et al.
+  2020's LDP-Fed baseline): client ``k`` sends ``clip(delta_k) + N(0, (z
+  C)^2 I)``, so the server (and anyone else) only ever sees noised updates;
+  no amplification by sampling or aggregation is assumed. The server
+  averages what it receives over the clients that reported. Accounting:
+  ``fedjax_lab.privacy.accounting`` mechanism ``"local"``.
+  """
+  _check_positive("clip_norm", clip_norm)
+  _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+  noise_std = noise_std_on_sum(clip_norm, noise_multiplier, 1.0)
+
+  def client_transform(delta, weight, state, rng):
+    del weight, state
+    clipped, _, metrics = _clip_client(delta, clip_norm)
+    return (add_gaussian_noise(clipped, noise_std, rng),
+            jnp.ones([], jnp.float32), metrics)
+
+  def finalize(weighted_sum, total_weight, num_clients, state, rng):
+    del total_weight, rng
+    count = jnp.maximum(num_clients, 1.0)
+    aggregate = jax.tree.map(lambda s: s / count, weighted_sum)
+    metrics = {"dp_noise_std": jnp.asarray(noise_std, jnp.float32),
+               "dp_noise_std_on_mean": noise_std / jnp.sqrt(count),
+               "clip_norm": jnp.asarray(clip_norm, jnp.float32)}
+    return aggregate, state, metrics
+
+  return base.Aggregator(init=lambda: (), client_transform=client_transform,
+                         finalize=finalize)

@@ -1,0 +1,34 @@
+"""L2 clipping of a whole update pytree (one norm over every leaf)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  """L2 norm of all leaves of ``tree`` taken together (float32 scalar)."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+                      for leaf in leaves))
+
+
+def clip_to_norm(tree: PyTree, clip_norm: jax.Array | float
+                 ) -> tuple[PyTree, jax.Array]:
+  """Scales ``tree`` down so its global L2 norm is at most ``clip_norm``.
+
+  ``tree * min(1, clip_norm / ||tree||)``: updates already inside the ball
+  are unchanged, longer ones keep their direction. An infinite ``clip_norm``
+  is the identity. Returns ``(clipped_tree, norm_before_clipping)``.
+  """
+  norm = global_norm(tree)
+  clip_norm = jnp.asarray(clip_norm, jnp.float32)
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  clipped = jax.tree.map(lambda leaf: (leaf * scale).astype(leaf.dtype), tree)
+  return clipped, norm
