@@ -6,7 +6,7 @@ only on ``(seed, round_index)``, never on earlier draws, so a run resumed at
 round ``t`` draws exactly the cohorts it would have drawn without stopping, and
 rounds can be sampled out of order (e.g. by a prefetcher).
 
-Two schemes are provided:
+Three schemes are provided:
 
 * :class:`UniformSampler` (``kind = "fixed"``): ``cohort_size`` distinct
   clients, uniformly at random without replacement (the usual FedAvg setting).
@@ -14,6 +14,11 @@ Two schemes are provided:
   independently with probability ``sampling_rate``, so the cohort size is
   ``Binomial(num_clients, sampling_rate)`` and may be 0. This is the scheme
   that user-level DP accounting (amplification by sampling) assumes.
+* :class:`ShuffledSampler` (``kind = "shuffle"``): rounds are grouped in
+  epochs; each epoch walks through a fresh random permutation of the clients,
+  ``cohort_size`` at a time, so every client takes part in at most one round
+  per epoch. This is what DP-FTRL's tree-aggregation accounting assumes
+  (:mod:`fedjax_lab.privacy.tree`).
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import Protocol
 
 import numpy as np
 
-# Distinct salts keep the two samplers' random streams unrelated even when
+# Distinct salts keep the samplers' random streams unrelated even when
 # they share a seed (and unrelated to the batching streams in cohort.py).
 _UNIFORM_SALT = 0x5A3F_01
 _POISSON_SALT = 0x5A3F_02
+_SHUFFLE_SALT = 0x5A3F_03
 
 
 class ClientSampler(Protocol):
@@ -132,44 +138,106 @@ class PoissonSampler:
             f"sampling_rate={self.sampling_rate}, seed={self.seed})")
 
 
-_KIND_ALIASES = {"fixed": "fixed", "uniform": "fixed", "poisson": "poisson"}
+class ShuffledSampler:
+  """Epochs of shuffled, disjoint cohorts: each client at most once per epoch.
+
+  Rounds are grouped in epochs of ``rounds_per_epoch = num_clients //
+  cohort_size`` rounds. Epoch ``e`` draws a permutation of all clients from
+  ``(seed, e)`` only, and its ``r``-th round takes the clients at positions
+  ``r * cohort_size .. (r + 1) * cohort_size - 1`` of that permutation. The
+  ``num_clients % cohort_size`` clients at the end of the permutation sit the
+  epoch out. Like the other samplers, a cohort is a pure function of
+  ``(seed, round_index)``.
+
+  DP-FTRL (Kairouz et al., ICML 2021) needs every client in at most one round
+  per tree; start trees at epoch boundaries with ``steps_per_tree`` equal to
+  (or a divisor of) ``rounds_per_epoch``.
+
+  Attributes:
+    num_clients: population size N; clients are positions ``0..N-1``.
+    cohort_size: number of clients per round (``<= num_clients``).
+    seed: non-negative integer; with the epoch it fixes the permutation.
+    rounds_per_epoch: ``num_clients // cohort_size``.
+    kind: ``"shuffle"``.
+  """
+
+  kind = "shuffle"
+
+  def __init__(self, num_clients: int, cohort_size: int, seed: int):
+    self.num_clients = _check_int("num_clients", num_clients, 1)
+    self.cohort_size = _check_int("cohort_size", cohort_size, 1)
+    self.seed = _check_int("seed", seed, 0)
+    if self.cohort_size > self.num_clients:
+      raise ValueError(
+          f"cohort_size ({self.cohort_size}) cannot exceed num_clients "
+          f"({self.num_clients}) when sampling without replacement.")
+    self.rounds_per_epoch = self.num_clients // self.cohort_size
+
+  def epoch(self, round_index: int) -> int:
+    """Index of the epoch that round ``round_index`` belongs to."""
+    round_index = _check_int("round_index", round_index, 0)
+    return round_index // self.rounds_per_epoch
+
+  def sample(self, round_index: int) -> np.ndarray:
+    """``[cohort_size]`` int64 client positions, distinct, sorted ascending."""
+    epoch = self.epoch(round_index)
+    position = round_index % self.rounds_per_epoch
+    rng = _round_rng(self.seed, epoch, _SHUFFLE_SALT)
+    permutation = rng.permutation(self.num_clients)
+    start = position * self.cohort_size
+    chosen = permutation[start:start + self.cohort_size]
+    return np.sort(chosen).astype(np.int64)
+
+  def __repr__(self) -> str:
+    return (f"ShuffledSampler(num_clients={self.num_clients}, "
+            f"cohort_size={self.cohort_size}, seed={self.seed})")
+
+
+_KIND_ALIASES = {"fixed": "fixed", "uniform": "fixed", "poisson": "poisson",
+                 "shuffle": "shuffle", "shuffled": "shuffle"}
 
 
 def make_sampler(kind: str, num_clients: int, *,
                  cohort_size: int | None = None,
                  sampling_rate: float | None = None,
-                 seed: int = 0) -> UniformSampler | PoissonSampler:
+                 seed: int = 0
+                 ) -> UniformSampler | PoissonSampler | ShuffledSampler:
   """Builds a sampler from config values.
 
   Args:
-    kind: ``"fixed"`` (alias ``"uniform"``) or ``"poisson"``.
+    kind: ``"fixed"`` (alias ``"uniform"``), ``"poisson"`` or ``"shuffle"``
+      (alias ``"shuffled"``).
     num_clients: population size.
-    cohort_size: clients per round; required for ``"fixed"`` and rejected for
-      ``"poisson"``.
+    cohort_size: clients per round; required for ``"fixed"`` and
+      ``"shuffle"``, rejected for ``"poisson"``.
     sampling_rate: inclusion probability; required for ``"poisson"`` and
-      rejected for ``"fixed"``.
+      rejected for ``"fixed"`` and ``"shuffle"``.
     seed: non-negative integer seed.
 
   Returns:
-    A :class:`UniformSampler` or :class:`PoissonSampler`.
+    A :class:`UniformSampler`, :class:`PoissonSampler` or
+    :class:`ShuffledSampler`.
   """
   normalized = _KIND_ALIASES.get(str(kind).lower())
   if normalized is None:
     raise ValueError(
         f"unknown sampler kind {kind!r}; expected one of "
         f"{sorted(_KIND_ALIASES)}.")
-  if normalized == "fixed":
+  if normalized in ("fixed", "shuffle"):
     if cohort_size is None:
-      raise ValueError("a 'fixed' sampler needs cohort_size.")
+      raise ValueError(f"a {normalized!r} sampler needs cohort_size.")
     if sampling_rate is not None:
       raise ValueError(
           "sampling_rate is only meaningful for kind='poisson'; got "
           f"sampling_rate={sampling_rate!r} with kind={kind!r}.")
+    if normalized == "shuffle":
+      return ShuffledSampler(num_clients, cohort_size, seed)
     return UniformSampler(num_clients, cohort_size, seed)
   if sampling_rate is None:
     raise ValueError("a 'poisson' sampler needs sampling_rate.")
   if cohort_size is not None:
     raise ValueError(
-        "cohort_size is only meaningful for kind='fixed'; a Poisson sampler's "
-        f"size is set by sampling_rate (got cohort_size={cohort_size!r}).")
+        "cohort_size is only meaningful for kind='fixed' or 'shuffle'; a "
+        "Poisson sampler's size is set by sampling_rate (got "
+        f"cohort_size={cohort_size!r}).")
   return PoissonSampler(num_clients, sampling_rate, seed)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fedjax_lab.data.sampling import (PoissonSampler, UniformSampler,
-                                      make_sampler)
+from fedjax_lab.data.sampling import (PoissonSampler, ShuffledSampler,
+                                      UniformSampler, make_sampler)
 
 
 def _check_cohort(cohort, num_clients):
@@ -104,6 +104,7 @@ def test_uniform_rejects_non_integers():
 def test_kinds():
   assert UniformSampler(3, 1, 0).kind == "fixed"
   assert PoissonSampler(3, 0.5, 0).kind == "poisson"
+  assert ShuffledSampler(3, 1, 0).kind == "shuffle"
 
 
 # ----------------------------------------------------------------- poisson
@@ -191,6 +192,101 @@ def test_poisson_rejects_non_numbers():
     PoissonSampler(10, 0.1, -3)
 
 
+# ----------------------------------------------------------------- shuffle
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_clients=st.integers(1, 200), data=st.data(),
+       seed=st.integers(0, 2**63 - 1), epoch=st.integers(0, 10**6))
+def test_shuffle_each_client_at_most_once_per_epoch(num_clients, data, seed,
+                                                     epoch):
+  cohort_size = data.draw(st.integers(1, num_clients))
+  sampler = ShuffledSampler(num_clients, cohort_size, seed)
+  rounds = sampler.rounds_per_epoch
+  assert rounds == num_clients // cohort_size
+  start = epoch * rounds
+  cohorts = [sampler.sample(start + r) for r in range(rounds)]
+  for cohort in cohorts:
+    _check_cohort(cohort, num_clients)
+    assert len(cohort) == cohort_size
+  everyone = np.concatenate(cohorts)
+  assert len(np.unique(everyone)) == rounds * cohort_size, "a client repeated"
+  # Exactly num_clients % cohort_size clients sit the epoch out.
+  assert num_clients - len(everyone) == num_clients % cohort_size
+  assert all(sampler.epoch(start + r) == epoch for r in range(rounds))
+
+
+def test_shuffle_deterministic_and_stateless():
+  forward = ShuffledSampler(103, 10, seed=11)
+  drawn = [forward.sample(t) for t in range(35)]
+  resumed = ShuffledSampler(103, 10, seed=11)
+  for t in reversed(range(35)):
+    np.testing.assert_array_equal(resumed.sample(t), drawn[t])
+
+
+def test_shuffle_epochs_and_seeds_differ():
+  sampler = ShuffledSampler(1000, 100, seed=3)
+  assert sampler.rounds_per_epoch == 10
+  first_rounds = [tuple(sampler.sample(e * 10)) for e in range(20)]
+  assert len(set(first_rounds)) == 20
+  # Two epochs' first cohorts overlap like independent draws (~10 clients).
+  overlap = len(np.intersect1d(sampler.sample(0), sampler.sample(10)))
+  assert overlap < 30
+  other_seed = ShuffledSampler(1000, 100, seed=4)
+  assert not np.array_equal(sampler.sample(0), other_seed.sample(0))
+  # Unrelated to the uniform sampler's stream for the same seed.
+  uniform = UniformSampler(1000, 100, seed=3).sample(0)
+  assert len(np.intersect1d(uniform, sampler.sample(0))) < 30
+
+
+def test_shuffle_sitting_out_clients_rotate():
+  """With N % M leftovers, who sits out changes from epoch to epoch."""
+  sampler = ShuffledSampler(10, 3, seed=0)
+  assert sampler.rounds_per_epoch == 3
+  left_out = []
+  for epoch in range(50):
+    used = np.concatenate([sampler.sample(3 * epoch + r) for r in range(3)])
+    left_out.append(int(np.setdiff1d(np.arange(10), used)[0]))
+  assert len(set(left_out)) == 10
+
+
+def test_shuffle_covers_clients_uniformly():
+  num_clients, cohort_size, num_epochs = 20, 6, 600
+  sampler = ShuffledSampler(num_clients, cohort_size, seed=77)
+  counts = np.zeros(num_clients)
+  for t in range(num_epochs * sampler.rounds_per_epoch):
+    counts[sampler.sample(t)] += 1
+  # Each client is in an epoch with probability 18/20; bounded counts.
+  expected = num_epochs * 18 / 20
+  sd = math.sqrt(num_epochs * 0.9 * 0.1)
+  assert np.max(np.abs(counts - expected)) < 5 * sd
+
+
+def test_shuffle_full_population_and_single_client_cohorts():
+  np.testing.assert_array_equal(ShuffledSampler(7, 7, 3).sample(4),
+                                np.arange(7))
+  one = ShuffledSampler(5, 1, 2)
+  assert sorted(int(one.sample(t)[0]) for t in range(5, 10)) == list(range(5))
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(num_clients=5, cohort_size=6, seed=0), "cannot exceed"),
+    (dict(num_clients=5, cohort_size=0, seed=0), "cohort_size must be >= 1"),
+    (dict(num_clients=0, cohort_size=1, seed=0), "num_clients must be >= 1"),
+    (dict(num_clients=5, cohort_size=2, seed=-1), "seed must be >= 0"),
+])
+def test_shuffle_rejects_bad_arguments(kwargs, error):
+  with pytest.raises(ValueError, match=error):
+    ShuffledSampler(**kwargs)
+
+
+def test_shuffle_rejects_non_integers():
+  with pytest.raises(TypeError, match="cohort_size must be an integer"):
+    ShuffledSampler(10, 2.5, 0)
+  with pytest.raises(ValueError, match="round_index must be >= 0"):
+    ShuffledSampler(10, 2, 0).sample(-1)
+
+
 # ------------------------------------------------------------ make_sampler
 
 
@@ -204,6 +300,13 @@ def test_make_sampler_kinds():
   poisson = make_sampler("Poisson", 10, sampling_rate=0.3, seed=1)
   assert isinstance(poisson, PoissonSampler)
   assert poisson.expected_cohort_size == pytest.approx(3.0)
+  shuffle = make_sampler("shuffle", 10, cohort_size=3, seed=4)
+  assert isinstance(shuffle, ShuffledSampler) and shuffle.cohort_size == 3
+  assert shuffle.rounds_per_epoch == 3
+  np.testing.assert_array_equal(shuffle.sample(5),
+                                ShuffledSampler(10, 3, 4).sample(5))
+  assert isinstance(make_sampler("Shuffled", 10, cohort_size=3),
+                    ShuffledSampler)
 
 
 @pytest.mark.parametrize("kind, kwargs, error", [
@@ -211,6 +314,9 @@ def test_make_sampler_kinds():
     ("poisson", {}, "needs sampling_rate"),
     ("fixed", dict(cohort_size=2, sampling_rate=0.1), "only meaningful"),
     ("poisson", dict(cohort_size=2, sampling_rate=0.1), "only meaningful"),
+    ("shuffle", {}, "needs cohort_size"),
+    ("shuffle", dict(cohort_size=2, sampling_rate=0.1), "only meaningful"),
+    ("shuffle", dict(cohort_size=11), "cannot exceed"),
     ("stratified", dict(cohort_size=2), "unknown sampler kind"),
 ])
 def test_make_sampler_rejects_bad_configs(kind, kwargs, error):

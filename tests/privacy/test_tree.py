@@ -1,0 +1,371 @@
+"""Tests for fedjax_lab.privacy.tree (tree-aggregation noise and DP-FTRL).
+
+The statistical checks use fixed seeds (so they cannot flake) and many i.i.d.
+coordinates; tolerances are 6 standard errors of the estimator, far below the
+gap a wrong number of tree nodes (a 1-node change in popcount) would make.
+"""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_lab.privacy import tree
+
+NUM_COORDS = 40_000
+SIGMA = 0.7
+
+
+def _popcount(t):
+  return bin(t).count("1")
+
+
+def _node(key, level, index, shape, leaf=0, noise_std=SIGMA):
+  """Noise of tree node ``(level, index)`` for leaf ``leaf``, as documented."""
+  node_key = jax.random.fold_in(jax.random.fold_in(key, level), index)
+  return noise_std * jax.random.normal(jax.random.fold_in(node_key, leaf),
+                                       shape, jnp.float32)
+
+
+def _assert_variance(sample, variance, num_se=6.0):
+  """Sample variance within ``num_se`` standard errors of ``variance``."""
+  sample = np.asarray(sample, np.float64).ravel()
+  n = sample.size
+  assert abs(sample.mean()) < num_se * math.sqrt(variance / n), sample.mean()
+  se = variance * math.sqrt(2.0 / (n - 1))
+  assert abs(sample.var(ddof=1) - variance) < num_se * se, (
+      sample.var(ddof=1), variance)
+
+
+def _assert_uncorrelated(a, b, num_se=6.0):
+  a = np.asarray(a, np.float64).ravel()
+  b = np.asarray(b, np.float64).ravel()
+  corr = np.corrcoef(a, b)[0, 1]
+  assert abs(corr) < num_se / math.sqrt(a.size), corr
+
+
+def _grads(seed, num_steps, shape=(NUM_COORDS,)):
+  """Deterministic, non-trivial pseudo-gradients (a dict pytree)."""
+  rng = np.random.default_rng(seed)
+  return [{"w": jnp.asarray(rng.normal(0.3, 1.0, shape), jnp.float32),
+           "b": jnp.asarray(rng.normal(-0.1, 0.5, (3,)), jnp.float32)}
+          for _ in range(num_steps)]
+
+
+def _run(optimizer, params, grads):
+  """Applies ``optimizer`` over ``grads``; params and states after each step."""
+  state = optimizer.init(params)
+  params_seq, states = [], []
+  for g in grads:
+    updates, state = optimizer.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    params_seq.append(params)
+    states.append(state)
+  return params_seq, states
+
+
+# ------------------------------------------------------------- prefix noise
+
+
+def test_tree_depth():
+  assert [tree.tree_depth(n) for n in (1, 2, 3, 4, 7, 8, 100, 1024)] == [
+      1, 2, 2, 3, 3, 4, 7, 11]
+  with pytest.raises(ValueError, match="max_steps must be >= 1"):
+    tree.tree_depth(0)
+  with pytest.raises(TypeError, match="max_steps must be an integer"):
+    tree.tree_depth(4.0)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 8, 13])
+def test_prefix_noise_variance_is_popcount_times_sigma_squared(step):
+  key = jax.random.key(1)
+  template = {"a": jnp.zeros([NUM_COORDS]), "b": jnp.zeros([100, 200])}
+  noise = tree.prefix_noise(key, step, template, SIGMA, num_levels=4)
+  assert jax.tree.structure(noise) == jax.tree.structure(template)
+  variance = _popcount(step) * SIGMA**2
+  _assert_variance(noise["a"], variance)
+  _assert_variance(noise["b"], variance)
+  assert noise["b"].shape == (100, 200) and noise["b"].dtype == jnp.float32
+  # Different leaves get different (uncorrelated) draws.
+  _assert_uncorrelated(noise["a"][:20_000], noise["b"].ravel())
+  assert tree.prefix_noise_std(step, SIGMA) == pytest.approx(
+      math.sqrt(variance))
+
+
+def test_prefix_noise_is_sum_of_documented_nodes():
+  key = jax.random.key(5)
+  shape = (1000,)
+  noise = tree.prefix_noise(key, 13, jnp.zeros(shape), SIGMA, num_levels=4)
+  # 13 = 0b1101: nodes (0, 13), (2, 3), (3, 1).
+  expected = (_node(key, 0, 13, shape) + _node(key, 2, 3, shape)
+              + _node(key, 3, 1, shape))
+  np.testing.assert_allclose(noise, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_nodes_are_identical():
+  key = jax.random.key(2)
+  template = jnp.zeros([NUM_COORDS])
+
+  def noise(t):
+    return tree.prefix_noise(key, t, template, SIGMA, num_levels=3)
+
+  n4, n5, n6, n7 = noise(4), noise(5), noise(6), noise(7)
+  # 6 = 4 + 2: S_6's noise is S_4's node plus the level-1 node (1, 3).
+  only_level_1 = n6 - n4
+  np.testing.assert_allclose(only_level_1, _node(key, 1, 3, (NUM_COORDS,)),
+                             atol=1e-5)
+  _assert_variance(only_level_1, SIGMA**2)
+  _assert_uncorrelated(only_level_1, n4)
+  # 7 = 6 + 1 and 5 = 4 + 1 add level-0 nodes of their own.
+  np.testing.assert_allclose(n7 - n6, _node(key, 0, 7, (NUM_COORDS,)),
+                             atol=1e-5)
+  np.testing.assert_allclose(n5 - n4, _node(key, 0, 5, (NUM_COORDS,)),
+                             atol=1e-5)
+  _assert_uncorrelated(n7 - n6, n5 - n4)
+
+
+@pytest.mark.parametrize("s, t, shared", [
+    (4, 6, 1), (6, 7, 2), (5, 7, 1), (3, 4, 0), (8, 15, 1), (12, 13, 2),
+    (9, 10, 1), (1, 2, 0),
+])
+def test_prefix_noise_covariance_counts_shared_nodes(s, t, shared):
+  key = jax.random.key(3)
+  template = jnp.zeros([NUM_COORDS])
+  a = np.asarray(tree.prefix_noise(key, s, template, SIGMA, 4), np.float64)
+  b = np.asarray(tree.prefix_noise(key, t, template, SIGMA, 4), np.float64)
+  covariance = np.mean(a * b)
+  # Var(a * b) <= E[a^2 b^2]; bound it by the fourth moments of Gaussians.
+  se = SIGMA**2 * math.sqrt(3 * _popcount(s) * _popcount(t) / NUM_COORDS)
+  assert abs(covariance - shared * SIGMA**2) < 6 * se, covariance
+
+
+def test_prefix_noise_step_zero_and_zero_std():
+  key = jax.random.key(0)
+  template = {"w": jnp.ones([10])}
+  np.testing.assert_array_equal(
+      tree.prefix_noise(key, 0, template, SIGMA, 4)["w"], np.zeros(10))
+  np.testing.assert_array_equal(
+      tree.prefix_noise(key, 7, template, 0.0, 4)["w"], np.zeros(10))
+  assert tree.prefix_noise_std(0, SIGMA) == 0.0
+
+
+def test_prefix_noise_under_jit_with_traced_step_and_std():
+  key = jax.random.key(9)
+  template = {"w": jax.ShapeDtypeStruct((50,), jnp.float32),
+              "v": jnp.zeros((2, 3), jnp.bfloat16)}
+  jitted = jax.jit(lambda k, t, std: tree.prefix_noise(k, t, template, std,
+                                                       num_levels=4))
+  for step in (1, 6, 11, 15):
+    eager = tree.prefix_noise(key, step, template, SIGMA, num_levels=4)
+    traced = jitted(key, jnp.int32(step), jnp.float32(SIGMA))
+    np.testing.assert_allclose(traced["w"], eager["w"], rtol=1e-5,
+                               atol=1e-6)
+    assert traced["v"].dtype == jnp.bfloat16
+  with pytest.raises(TypeError, match="floating-point"):
+    tree.prefix_noise(key, 1, jnp.zeros(3, jnp.int32), SIGMA, 2)
+
+
+def test_prefix_noise_std_values():
+  assert tree.prefix_noise_std(1, 2.0) == 2.0
+  assert tree.prefix_noise_std(7, 2.0) == pytest.approx(2.0 * math.sqrt(3))
+  assert tree.prefix_noise_std(8, 2.0) == 2.0
+  with pytest.raises(ValueError, match="step must be >= 0"):
+    tree.prefix_noise_std(-1, 1.0)
+
+
+# ------------------------------------------------------------------ dp_ftrl
+
+
+@pytest.mark.parametrize("steps_per_tree", [1, 3, 4, 100])
+def test_noiseless_dp_ftrl_is_sgd(steps_per_tree):
+  grads = _grads(0, 10, shape=(64,))
+  params = {"w": jnp.linspace(-1, 1, 64), "b": jnp.zeros(3)}
+  ours, _ = _run(tree.dp_ftrl(0.3, 0.0, steps_per_tree), params, grads)
+  reference, _ = _run(optax.sgd(0.3), params, grads)
+  for mine, theirs in zip(ours, reference):
+    for name in ("w", "b"):
+      np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-5,
+                                 atol=1e-5)
+
+
+@pytest.mark.parametrize("steps_per_tree", [2, 5, 100])
+def test_noiseless_dp_ftrl_momentum_is_heavy_ball_sgd(steps_per_tree):
+  """Momentum carries over tree restarts, exactly like optax's trace."""
+  grads = _grads(1, 12, shape=(64,))
+  params = {"w": jnp.linspace(-1, 1, 64), "b": jnp.ones(3)}
+  ours, _ = _run(tree.dp_ftrl(0.1, 0.0, steps_per_tree, momentum=0.9),
+                 params, grads)
+  reference, _ = _run(optax.sgd(0.1, momentum=0.9, nesterov=False), params,
+                      grads)
+  for mine, theirs in zip(ours, reference):
+    for name in ("w", "b"):
+      np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-5,
+                                 atol=1e-5)
+
+
+def test_dp_ftrl_jit_with_donated_state_matches_eager():
+  optimizer = tree.dp_ftrl(0.2, SIGMA, steps_per_tree=3, momentum=0.5,
+                           seed=7)
+  grads = _grads(2, 7, shape=(32,))
+  params0 = {"w": jnp.zeros(32), "b": jnp.zeros(3)}
+
+  def step(params, state, g):
+    updates, state = optimizer.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  eager_params, eager_states = _run(optimizer, params0, grads)
+  params = jax.tree.map(jnp.copy, params0)
+  state = optimizer.init(params)
+  assert isinstance(state, tree.DPFTRLState)
+  with warnings.catch_warnings():
+    # Backends without donation support only warn.
+    warnings.filterwarnings("ignore", message=".*donat.*")
+    for t, g in enumerate(grads):
+      params, state = donated(params, state, g)
+      np.testing.assert_allclose(params["w"], eager_params[t]["w"],
+                                 rtol=1e-5, atol=1e-6)
+      assert int(state.step_in_tree) == int(eager_states[t].step_in_tree)
+      assert int(state.tree_index) == int(eager_states[t].tree_index)
+  assert state.step_in_tree.dtype == jnp.int32
+  assert state.tree_index.dtype == jnp.int32
+
+
+def test_dp_ftrl_params_are_ftrl_form_within_a_tree():
+  """params_t = params_0 - lr * (S_t + prefix_noise(t)) for every step t."""
+  lr, seed, steps = 0.05, 11, 13
+  grads = _grads(3, steps, shape=(500,))
+  params0 = {"w": jnp.linspace(0, 1, 500), "b": jnp.zeros(3)}
+  optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=16, seed=seed)
+  params_seq, states = _run(optimizer, params0, grads)
+  key = tree.tree_noise_key(seed, 0)
+  exact = jax.tree.map(jnp.zeros_like, params0)
+  for t in range(1, steps + 1):
+    exact = jax.tree.map(jnp.add, exact, grads[t - 1])
+    noise = tree.prefix_noise(key, t, exact, SIGMA, tree.tree_depth(16))
+    for name in ("w", "b"):
+      expected = params0[name] - lr * (exact[name] + noise[name])
+      np.testing.assert_allclose(params_seq[t - 1][name], expected,
+                                 rtol=1e-5, atol=1e-5)
+    state = states[t - 1]
+    assert int(state.step_in_tree) == t and int(state.tree_index) == 0
+    np.testing.assert_allclose(state.exact_sum["w"], exact["w"], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(state.prev_noisy_sum["w"],
+                               exact["w"] + noise["w"], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_gradient_noise_telescopes_to_prefix_noise():
+  """Sum over a tree of (noisy - true) gradients is the noise of S_T."""
+  lr, seed, steps = 1.0, 4, 11
+  grads = _grads(4, steps)
+  optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=steps, seed=seed)
+  params = {"w": jnp.zeros(NUM_COORDS), "b": jnp.zeros(3)}
+  state = optimizer.init(params)
+  noise_sum = np.zeros(NUM_COORDS)
+  for g in grads:
+    updates, state = optimizer.update(g, state, params)
+    noisy_grad = -np.asarray(updates["w"], np.float64) / lr
+    noise_sum += noisy_grad - np.asarray(g["w"], np.float64)
+  # Leaves are noised in pytree order, so the template is the params pytree.
+  final_noise = tree.prefix_noise(tree.tree_noise_key(seed, 0), steps,
+                                  params, SIGMA, tree.tree_depth(steps))["w"]
+  np.testing.assert_allclose(noise_sum, final_noise, atol=1e-4)
+  _assert_variance(noise_sum, _popcount(steps) * SIGMA**2)
+
+
+def test_dp_ftrl_restarts_tree_with_fresh_noise():
+  lr, seed, per_tree = 1.0, 21, 4
+  grads = _grads(5, 2 * per_tree + 1)
+  params0 = {"w": jnp.zeros(NUM_COORDS), "b": jnp.zeros(3)}
+  optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=per_tree, seed=seed)
+  params_seq, states = _run(optimizer, params0, grads)
+  assert [int(s.step_in_tree) for s in states] == [1, 2, 3, 4, 1, 2, 3, 4, 1]
+  assert [int(s.tree_index) for s in states] == [0, 0, 0, 0, 1, 1, 1, 1, 2]
+  levels = tree.tree_depth(per_tree)
+
+  def noise_w(key, t):
+    return tree.prefix_noise(key, t, params0, SIGMA, levels)["w"]
+
+  for tree_index in (1, 2):
+    first = per_tree * tree_index  # 0-based position of the tree's step 1.
+    state = states[first]
+    # The exact sum restarted: it only holds this tree's first gradient.
+    np.testing.assert_allclose(state.exact_sum["w"], grads[first]["w"],
+                               rtol=1e-6)
+    new_noise = np.asarray(state.prev_noisy_sum["w"] - grads[first]["w"])
+    expected = noise_w(tree.tree_noise_key(seed, tree_index), 1)
+    np.testing.assert_allclose(new_noise, expected, atol=1e-5)
+    # params continue from the end of the previous tree (FTRL form again).
+    np.testing.assert_allclose(
+        params_seq[first]["w"],
+        params_seq[first - 1]["w"] - lr * state.prev_noisy_sum["w"],
+        rtol=1e-5, atol=1e-5)
+    # Fresh key: independent of every node of the previous tree.
+    old_key = tree.tree_noise_key(seed, tree_index - 1)
+    for t in (1, 2, 4):
+      _assert_uncorrelated(new_noise, noise_w(old_key, t))
+  first_tree_noise = np.asarray(states[0].prev_noisy_sum["w"]
+                                - grads[0]["w"])
+  _assert_uncorrelated(first_tree_noise, states[per_tree].prev_noisy_sum["w"]
+                       - grads[per_tree]["w"])
+
+
+def test_param_noise_variance_matches_tree_mechanism():
+  """Var(params_t - noiseless params_t) = lr^2 popcount(t) sigma^2."""
+  lr, steps = 0.3, 15
+  grads = _grads(6, steps)
+  params0 = {"w": jnp.zeros(NUM_COORDS), "b": jnp.zeros(3)}
+  noisy, _ = _run(tree.dp_ftrl(lr, SIGMA, steps_per_tree=16, seed=8), params0,
+                  grads)
+  clean, _ = _run(tree.dp_ftrl(lr, 0.0, steps_per_tree=16, seed=8), params0,
+                  grads)
+  for t in range(1, steps + 1):
+    deviation = noisy[t - 1]["w"] - clean[t - 1]["w"]
+    _assert_variance(deviation, lr**2 * _popcount(t) * SIGMA**2)
+    assert lr * tree.prefix_noise_std(t, SIGMA) == pytest.approx(
+        math.sqrt(lr**2 * _popcount(t) * SIGMA**2))
+
+
+def test_dp_ftrl_different_seeds_differ_and_same_seed_repeats():
+  grads = _grads(7, 3, shape=(100,))
+  params0 = {"w": jnp.zeros(100), "b": jnp.zeros(3)}
+  a, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, seed=1), params0, grads)
+  b, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, seed=1), params0, grads)
+  c, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, seed=2), params0, grads)
+  np.testing.assert_array_equal(a[-1]["w"], b[-1]["w"])
+  assert not np.allclose(a[-1]["w"], c[-1]["w"])
+
+
+def test_dp_ftrl_low_precision_params_keep_float32_sums():
+  params = {"w": jnp.zeros(8, jnp.bfloat16)}
+  optimizer = tree.dp_ftrl(0.1, SIGMA, 4)
+  state = optimizer.init(params)
+  assert state.exact_sum["w"].dtype == jnp.float32
+  updates, state = optimizer.update({"w": jnp.ones(8, jnp.bfloat16)}, state,
+                                    params)
+  assert updates["w"].dtype == jnp.bfloat16
+  assert state.momentum_buffer["w"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(learning_rate=0.0), ValueError, "learning_rate"),
+    (dict(noise_std=-1.0), ValueError, "noise_std"),
+    (dict(noise_std=float("nan")), ValueError, "noise_std"),
+    (dict(steps_per_tree=0), ValueError, "steps_per_tree must be >= 1"),
+    (dict(steps_per_tree=2.0), TypeError, "steps_per_tree must be an integer"),
+    (dict(momentum=1.0), ValueError, "momentum"),
+    (dict(momentum=-0.1), ValueError, "momentum"),
+    (dict(seed=-1), ValueError, "seed must be >= 0"),
+    (dict(seed=2**32), ValueError, "seed must be < 2"),
+])
+def test_dp_ftrl_rejects_bad_arguments(kwargs, error, message):
+  arguments = dict(learning_rate=0.1, noise_std=1.0, steps_per_tree=4)
+  arguments.update(kwargs)
+  with pytest.raises(error, match=message):
+    tree.dp_ftrl(**arguments)
