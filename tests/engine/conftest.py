@@ -1,11 +1,7 @@
 """Small models and hand-built cohorts for engine tests."""
 
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
-import pytest
-
-from fedjax_lab.models import base as model_base
 
 
 class TinyMLP(nn.Module):
@@ -25,16 +21,6 @@ class TinySoftmax(nn.Module):
   def __call__(self, x, train=False):
     del train
     return nn.Dense(3)(x)
-
-
-@pytest.fixture
-def deterministic_model():
-  return model_base.from_flax(TinySoftmax(), jnp.zeros([2, 8]))
-
-
-@pytest.fixture
-def tiny_model():
-  return model_base.from_flax(TinyMLP(), jnp.zeros([2, 8]))
 
 
 def make_clients(num_clients, seed=0, min_size=3, max_size=12):

@@ -19,7 +19,6 @@ from fedjax_lab.privacy import aggregators
 from fedjax_lab.privacy.clipping import clip_to_norm, global_norm
 
 from tests.engine.conftest import build_cohort, make_clients
-from tests.engine.conftest import tiny_model  # noqa: F401  (fixture)
 
 RNG = jax.random.key(3)
 
