@@ -26,7 +26,26 @@ def base_config() -> ml_collections.ConfigDict:
       "batch_size": 10, "max_steps": 0, "hparams": {}})
   config.server = ml_collections.ConfigDict({
       "optimizer": "sgd", "learning_rate": 1.0, "hparams": {}})
+  config.privacy = privacy_defaults()
   return config
+
+
+def privacy_defaults() -> ml_collections.ConfigDict:
+  """The ``privacy`` block (see fedjax_lab/privacy/plan.py); off by default."""
+  return ml_collections.ConfigDict({
+      "mechanism": "none",  # none | gaussian | adaptive | tree | local
+      "clip_norm": 1.0,
+      "noise_multiplier": 1.0,
+      "delta": 0.0,  # 0 = 1 / population**1.1
+      "accountant": "rdp",  # rdp | pld
+      "target_epsilon": 0.0,  # > 0: stop before exceeding (or calibrate to)
+      "calibrate": False,
+      "noise_cohort_size": 0,
+      "accounting_population": 0,
+      "adaptive": {"target_quantile": 0.5, "clip_learning_rate": 0.2,
+                   "clipped_count_stddev": 0.0},
+      "ftrl": {"rounds_per_tree": 0, "momentum": 0.0},
+  })
 
 
 def apply_mode(config: ml_collections.ConfigDict,
@@ -40,6 +59,8 @@ def apply_mode(config: ml_collections.ConfigDict,
   config.eval_every = 1
   config.eval_max_examples = 64
   config.client.max_steps = 2
-  if config.sampling == "fixed":
+  if config.sampling == "poisson":
+    config.sampling_rate = min(config.sampling_rate, 0.02)
+  if config.sampling in ("fixed", "shuffle"):
     config.cohort_size = min(config.cohort_size, 3)
   return config

@@ -1,11 +1,11 @@
-"""The main job: FedAvg CNN on real MNIST digits with Dirichlet label skew.
+"""The main job: DP-FedAvg on real MNIST digits, reporting (epsilon, delta).
 
-See mnist_cnn_fedavg.py; this is what ``python -m experiments.run`` runs with
-no ``--config``.
+See dp_mnist.py; this is what ``python -m experiments.run`` runs with no
+``--config``.
 """
 
-from configs import mnist_cnn_fedavg
+from configs import dp_mnist
 
 
 def get_config(mode: str = ""):
-  return mnist_cnn_fedavg.get_config(mode)
+  return dp_mnist.get_config(mode)

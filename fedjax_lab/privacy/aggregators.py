@@ -187,7 +187,10 @@ def adaptive_clipping(initial_clip_norm: float, noise_multiplier: float,
     raise ValueError(f"target_quantile must be in (0, 1), got "
                      f"{target_quantile}.")
   if clipped_count_stddev is None or clipped_count_stddev <= 0:
-    clipped_count_stddev = expected_cohort_size / 20.0
+    # Andrew et al.'s m / 20, but never below z: then the count query takes
+    # at most a quarter of the noise budget (z_delta <= 1.155 z), which
+    # matters for small cohorts.
+    clipped_count_stddev = max(expected_cohort_size / 20.0, noise_multiplier)
   update_multiplier = split_noise_multiplier(noise_multiplier,
                                              clipped_count_stddev)
   scale = (expected_cohort_size / noise_cohort_size if noise_cohort_size

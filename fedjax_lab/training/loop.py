@@ -21,8 +21,14 @@ from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data.prefetch import Prefetcher
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.evaluate import build_evaluator
+from fedjax_lab.training import checkpoint
 from fedjax_lab.training import metrics_io
 from fedjax_lab.training.setup import Experiment, describe_devices
+
+
+# The server state after the last round (load with checkpoint.load_pytree and
+# a freshly initialised server state as the template).
+FINAL_STATE_FILE = "final_state.npz"
 
 
 class DivergedError(RuntimeError):
@@ -44,7 +50,8 @@ def run_experiment(exp: Experiment, workdir: str,
   """Trains ``exp`` for ``config.num_rounds`` rounds; returns the summary.
 
   Writes ``workdir/config.json``, ``workdir/metrics.jsonl`` (one object per
-  round; evaluation rounds add ``eval_*`` keys) and ``workdir/summary.json``.
+  round; evaluation rounds add ``eval_*`` keys), ``workdir/summary.json`` and
+  the final server state ``workdir/final_state.npz``.
 
   Raises:
     DivergedError: a round's training loss was NaN/inf (the metrics file keeps
@@ -71,8 +78,11 @@ def run_experiment(exp: Experiment, workdir: str,
   params = exp.model.init(jax.random.fold_in(rng, 0))
   server_state = exp.algorithm.server_init(params)
   train = exp.dataset.train
-  client_states = _stack_client_states(
-      exp.algorithm.client_state_init(params), train.num_clients)
+  if exp.client_states_init is not None:
+    client_states = exp.client_states_init(params, train.num_clients)
+  else:
+    client_states = _stack_client_states(
+        exp.algorithm.client_state_init(params), train.num_clients)
   round_fn = round_lib.build_round(exp.algorithm, exp.strategy, mesh=mesh)
   round_rng = jax.random.fold_in(rng, 1)
 
@@ -82,8 +92,13 @@ def run_experiment(exp: Experiment, workdir: str,
       max_examples=config.get("eval_max_examples", 0) or None)
 
   client = config.client
-  fixed_cohort_size = (config.cohort_size if config.sampling == "fixed"
+  fixed_cohort_size = (config.cohort_size if config.sampling != "poisson"
                        else None)
+  privacy = exp.privacy
+  accountant = None
+  if privacy is not None:
+    from fedjax_lab.privacy import accounting  # pylint: disable=g-import-not-at-top
+    accountant = accounting.RoundAccountant(privacy.spec, privacy.delta)
 
   def produce(round_index: int):
     batch = cohort_lib.make_round_cohort(
@@ -99,6 +114,17 @@ def run_experiment(exp: Experiment, workdir: str,
     import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm.tqdm(total=config.num_rounds, desc=exp.algorithm.name,
                          file=sys.stderr, dynamic_ncols=True)
+  def over_budget(rounds: int) -> str | None:
+    """Why running ``rounds`` rounds would exceed the budget (None if not)."""
+    if (accountant is None or not privacy.target_epsilon or
+        rounds > config.num_rounds or
+        accountant.epsilon(rounds) <= privacy.target_epsilon):
+      return None
+    return (f"privacy budget: round {rounds} would bring epsilon to "
+            f"{accountant.epsilon(rounds):.4g} > target_epsilon="
+            f"{privacy.target_epsilon:g} (delta={privacy.delta:.3g}); stopped "
+            f"after round {rounds - 1}")
+
   start = time.perf_counter()
   last_eval: dict[str, float] = {}
   rounds_done = 0
@@ -106,6 +132,9 @@ def run_experiment(exp: Experiment, workdir: str,
   try:
     with Prefetcher(produce, range(config.num_rounds)) as prefetcher:
       for round_index, cohort in prefetcher:
+        if round_index == 0 and over_budget(1):
+          stopped_early = over_budget(1)
+          break
         round_start = time.perf_counter()
         gathered = round_lib.gather_client_states(client_states,
                                                   cohort["client_indices"])
@@ -118,6 +147,10 @@ def run_experiment(exp: Experiment, workdir: str,
         record = {"round": round_index + 1, **metrics,
                   "cohort_padded_size": int(cohort["client_mask"].shape[0]),
                   "local_steps_padded": int(cohort["example_mask"].shape[1])}
+        if accountant is not None:
+          record.update(epsilon=accountant.epsilon(round_index + 1),
+                        delta=privacy.delta,
+                        noise_multiplier=privacy.noise_multiplier)
         record["seconds"] = time.perf_counter() - round_start
         if (not math.isfinite(metrics.get("train_loss", 0.0)) or
             metrics.get("params_finite", 1.0) < 1.0):
@@ -131,7 +164,9 @@ def run_experiment(exp: Experiment, workdir: str,
               f"here are in {writer.path}.")
         out_of_time = bool(config.get("max_seconds", 0)) and (
             time.perf_counter() - start > config.max_seconds)
-        is_last = round_index + 1 == config.num_rounds or out_of_time
+        budget_spent = over_budget(round_index + 2)
+        is_last = (round_index + 1 == config.num_rounds or out_of_time or
+                   bool(budget_spent))
         if is_last or (config.eval_every and
                        (round_index + 1) % config.eval_every == 0):
           last_eval = evaluate(server_state.params, eval_features, eval_mask)
@@ -142,11 +177,16 @@ def run_experiment(exp: Experiment, workdir: str,
           postfix = {"loss": f"{metrics.get('train_loss', float('nan')):.3f}"}
           if "accuracy" in last_eval:
             postfix["eval_acc"] = f"{last_eval['accuracy']:.3f}"
+          if "epsilon" in record:
+            postfix["eps"] = f"{record['epsilon']:.3g}"
           progress.set_postfix(postfix, refresh=False)
           progress.update(1)
         if out_of_time:
           stopped_early = (f"max_seconds={config.max_seconds} reached after "
                            f"round {round_index + 1}")
+          break
+        if budget_spent:
+          stopped_early = budget_spent
           break
   finally:
     if progress is not None:
@@ -169,5 +209,14 @@ def run_experiment(exp: Experiment, workdir: str,
       "devices": describe_devices(),
       "workdir": workdir,
   }
+  if privacy is not None:
+    summary["epsilon"] = accountant.epsilon(rounds_done)
+    summary["delta"] = privacy.delta
+    summary["privacy"] = privacy.describe()
+  if rounds_done == 0:
+    last_eval = evaluate(server_state.params, eval_features, eval_mask)
+    summary.update(final_eval_accuracy=last_eval.get("accuracy"),
+                   final_eval_loss=last_eval.get("loss"))
+  checkpoint.save_pytree(os.path.join(workdir, FINAL_STATE_FILE), server_state)
   metrics_io.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary

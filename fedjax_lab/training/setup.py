@@ -15,6 +15,8 @@ with ``--config.KEY=VALUE``):
 * ``client``: ``optimizer``, ``learning_rate``, ``num_epochs``, ``batch_size``,
   ``max_steps`` (0 = no cap), ``hparams`` (extra optax arguments).
 * ``server``: ``optimizer``, ``learning_rate``, ``hparams``.
+* ``privacy``: the DP mechanism and its accounting
+  (:mod:`fedjax_lab.privacy.plan` documents the keys).
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from fedjax_lab.data import sampling
 from fedjax_lab.data.federated import FederatedDataset
 from fedjax_lab.data.sources import load_dataset
 from fedjax_lab.engine.strategy import Strategy, parse_strategy
+from fedjax_lab.privacy import accounting
+from fedjax_lab.privacy import plan as privacy_plan
 
 ALGORITHMS = ("fedavg", "fedopt", "fedsgd")
-SAMPLING_KINDS = ("fixed", "poisson")
+SAMPLING_KINDS = ("fixed", "poisson", "shuffle")
 MODEL_FAMILIES = {"cnn": "conv", "char_lstm": "recurrent"}
 
 
@@ -54,6 +58,11 @@ class Experiment:
   sampler: Any
   strategy: Strategy
   model_family: str
+  # Optional: (initial params, num_clients) -> every client's initial state
+  # stacked on a leading axis (default: algorithm.client_state_init repeated).
+  client_states_init: Any = None
+  # The resolved DP mechanism and accounting; None for non-private runs.
+  privacy: privacy_plan.PrivacyPlan | None = None
 
 
 def _kwargs(block: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -88,6 +97,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{config.sampling_rate}; set --config.sampling_rate.")
   if config.client.batch_size < 1 or config.client.num_epochs < 1:
     raise ConfigError("client.batch_size and client.num_epochs must be >= 1.")
+  mechanism = config.get("privacy", {}).get("mechanism", "none")
+  if mechanism != "none" and config.weighting != "uniform":
+    raise ConfigError(
+        f"privacy.mechanism={mechanism!r} sums clipped updates with weight 1 "
+        "(per-client weights would change the sensitivity); set "
+        "--config.weighting=uniform.")
+  if mechanism == "tree" and config.server.optimizer != "sgd":
+    raise ConfigError(
+        "privacy.mechanism='tree' makes DP-FTRL the server optimizer (with "
+        "server.learning_rate and privacy.ftrl.momentum); set "
+        f"server.optimizer='sgd', not {config.server.optimizer!r}.")
 
 
 def build_model(config, dataset: FederatedDataset) -> models.Model:
@@ -97,33 +117,63 @@ def build_model(config, dataset: FederatedDataset) -> models.Model:
                           **_kwargs(config.model))
 
 
-def build_algorithm(config, model) -> alg_base.FederatedAlgorithm:
-  """FedAvg / FedOpt / FedSGD with the configured optimizers."""
+def build_algorithm(config, model,
+                    privacy: privacy_plan.PrivacyPlan | None = None
+                    ) -> alg_base.FederatedAlgorithm:
+  """FedAvg / FedOpt / FedSGD with the configured optimizers (and DP)."""
   client_opt = build_optimizer(config.client.optimizer,
                                config.client.learning_rate,
                                config.client.get("hparams", {}))
-  server_opt = build_optimizer(config.server.optimizer,
-                               config.server.learning_rate,
-                               config.server.get("hparams", {}))
+  if privacy is not None and privacy.mechanism == "tree":
+    server_opt = privacy_plan.build_ftrl_server_optimizer(
+        privacy, config.server.learning_rate, config.seed)
+  else:
+    server_opt = build_optimizer(config.server.optimizer,
+                                 config.server.learning_rate,
+                                 config.server.get("hparams", {}))
+  aggregator = (privacy_plan.build_aggregator(privacy) if privacy is not None
+                else None)
+  name = config.algorithm
+  if privacy is not None:
+    name = {"gaussian": "dp-", "adaptive": "dp-adaptive-", "tree": "dp-ftrl-",
+            "local": "ldp-"}[privacy.mechanism] + name
   if config.algorithm == "fedsgd":
-    return fedavg.fedsgd(model, server_opt, weighting=config.weighting)
+    algorithm = fedavg.fedsgd(model, server_opt, weighting=config.weighting,
+                              aggregator=aggregator)
+    return dataclasses.replace(algorithm, name=name)
   return fedavg.fedopt(model, client_opt, server_opt,
-                       weighting=config.weighting, name=config.algorithm)
+                       weighting=config.weighting, aggregator=aggregator,
+                       name=name)
+
+
+def build_privacy(config, num_clients: int
+                  ) -> privacy_plan.PrivacyPlan | None:
+  """The config's DP plan for a population of ``num_clients`` (calibrates)."""
+  if "privacy" not in config:
+    return None
+  try:
+    return privacy_plan.build_plan(
+        config.privacy, sampling=config.sampling, num_clients=num_clients,
+        cohort_size=config.cohort_size, sampling_rate=config.sampling_rate,
+        num_rounds=config.num_rounds)
+  except accounting.PrivacyError as e:
+    raise ConfigError(str(e)) from None
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Validates ``config`` and builds the dataset, model, algorithm, sampler."""
   validate(config)
   dataset = load_dataset(config.data.name, **_kwargs(config.data))
-  model = build_model(config, dataset)
-  algorithm = build_algorithm(config, model)
   num_clients = dataset.train.num_clients
-  if config.sampling == "fixed" and config.cohort_size > num_clients:
+  if config.sampling != "poisson" and config.cohort_size > num_clients:
     raise ConfigError(
         f"cohort_size={config.cohort_size} but {dataset.name} has only "
         f"{num_clients} training clients; lower --config.cohort_size.")
-  if config.sampling == "fixed":
-    sampler = sampling.make_sampler("fixed", num_clients,
+  privacy = build_privacy(config, num_clients)
+  model = build_model(config, dataset)
+  algorithm = build_algorithm(config, model, privacy)
+  if config.sampling != "poisson":
+    sampler = sampling.make_sampler(config.sampling, num_clients,
                                     cohort_size=config.cohort_size,
                                     seed=config.seed)
   else:
@@ -133,7 +183,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   family = MODEL_FAMILIES.get(config.model.name, "dense")
   strategy = parse_strategy(config.get("strategy", "auto"), family)
   return Experiment(config, dataset, model, algorithm, sampler, strategy,
-                    family)
+                    family, privacy=privacy)
 
 
 def describe_devices() -> str:
