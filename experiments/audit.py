@@ -1,0 +1,113 @@
+r"""One-shot empirical privacy audit of a federated run (Andrew et al. 2024).
+
+  python -m experiments.audit --config=configs/NAME.py --workdir=DIR \
+      --num_canaries=K --num_held_out=K2 [--config.KEY=VALUE ...]
+
+Adds K canary clients (each sends a fixed random direction of norm C every
+round it is sampled) to the training population, trains the config's
+experiment as ``experiments.run`` would (same files in DIR), then compares the
+final model delta with the K inserted and K2 never-inserted directions and
+reports the empirical epsilon (``fedjax_lab.privacy.audit``). The report is
+written to ``DIR/audit.json`` and printed as the last line on stdout.
+
+C is ``--clip_norm`` if given, else ``config.privacy.clip_norm``; delta is
+``--delta`` if given, else the run's (``config.privacy.delta``, whose 0 means
+``1 / population**1.1``). With ``privacy.mechanism=none`` nothing clips or
+noises the updates, so C only sets how strong the canaries are.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "configs", "default.py")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Experiment config file (configs/*.py).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output folder (default: a new runs/audit-<config>-<time>).")
+_NUM_CANARIES = flags.DEFINE_integer(
+    "num_canaries", 100, "Canary clients inserted into the population (>= 2).")
+_NUM_HELD_OUT = flags.DEFINE_integer(
+    "num_held_out", 1000, "Canary directions drawn but never inserted.")
+_CLIP_NORM = flags.DEFINE_float(
+    "clip_norm", None, "Norm of a canary update (default: "
+    "config.privacy.clip_norm).")
+_DELTA = flags.DEFINE_float(
+    "delta", None, "Delta of the estimate (default: the run's delta).")
+_CANARY_SEED = flags.DEFINE_integer(
+    "canary_seed", None, "Seed of the canary directions (default: "
+    "config.seed).")
+_NULL = flags.DEFINE_enum(
+    "null", "theoretical", ["theoretical", "held_out"],
+    "Null distribution of the cosines: N(0, 1/d), or a Gaussian fitted to "
+    "the held-out canaries.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def _default_workdir(config_path: str) -> str:
+  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  return os.path.join("runs",
+                      f"audit-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Imported here so --help stays fast.
+  from fedjax_lab.privacy import audit, canaries  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or _default_workdir(
+      flags.FLAGS["config"].config_filename)
+  try:
+    experiment = setup.build_experiment(config)
+  except (setup.ConfigError, ValueError, TypeError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  clip_norm = canaries.resolve_clip_norm(experiment, _CLIP_NORM.value)
+  if clip_norm is None:
+    print("error: the config has no privacy.clip_norm; pass --clip_norm "
+          "(the L2 norm of a canary update).", file=sys.stderr)
+    sys.exit(2)
+  if experiment.privacy is not None and _CLIP_NORM.value is not None and (
+      _CLIP_NORM.value != experiment.privacy.clip_norm):
+    print(f"warning: canaries have norm {clip_norm:g} but the mechanism clips"
+          f" to {experiment.privacy.clip_norm:g}.", file=sys.stderr)
+  if _NUM_CANARIES.value < 2 or _NUM_HELD_OUT.value < 0:
+    print("error: need --num_canaries >= 2 (a Gaussian is fitted to their "
+          "cosines) and --num_held_out >= 0.", file=sys.stderr)
+    sys.exit(2)
+  seed = config.seed if _CANARY_SEED.value is None else _CANARY_SEED.value
+  delta = canaries.resolve_delta(experiment, _DELTA.value)
+  print(f"dataset: {json.dumps(experiment.dataset.summary())}",
+        file=sys.stderr)
+  print(f"audit: {_NUM_CANARIES.value} canaries (+{_NUM_HELD_OUT.value} held "
+        f"out) of norm {clip_norm:g}, delta={delta:.3g}, null={_NULL.value}; "
+        f"strategy: {experiment.strategy.label} on "
+        f"{setup.describe_devices()}; workdir: {workdir}", file=sys.stderr)
+  try:
+    report = audit.run_audit(
+        experiment, workdir, num_canaries=_NUM_CANARIES.value,
+        num_held_out=_NUM_HELD_OUT.value, seed=seed, delta=delta,
+        clip_norm=clip_norm, null=_NULL.value,
+        show_progress=_PROGRESS.value)
+  except FileExistsError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except loop.DivergedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  print(json.dumps(report, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,72 @@
+"""The one-shot canary audit end to end."""
+
+import dataclasses
+import json
+import math
+
+import optax
+import pytest
+
+from fedjax_lab.algorithms import fedavg
+from fedjax_lab.privacy import audit
+from fedjax_lab.privacy import empirical_epsilon as epsilon_lib
+from fedjax_lab.training import setup
+
+from tests.privacy.test_canaries import noisy_sum, small_config
+
+
+def inserted_mean(report):
+  return report["inserted_cosine"]["mean"]
+
+
+def _with_aggregator(experiment, clip_norm, noise_multiplier):
+  config = experiment.config
+  algorithm = fedavg.fedopt(
+      experiment.model, optax.sgd(config.client.learning_rate),
+      optax.sgd(1.0), weighting="uniform",
+      aggregator=noisy_sum(clip_norm, noise_multiplier, config.cohort_size))
+  return dataclasses.replace(experiment, algorithm=algorithm)
+
+
+def test_end_to_end_audit_detects_canaries_without_noise(tmp_path):
+  clip, delta = 1.0, 1e-5
+  results = {}
+  for name, noise in (("clean", 0.0), ("noisy", 20.0)):
+    experiment = _with_aggregator(setup.build_experiment(small_config()),
+                                  clip, noise)
+    report = audit.run_audit(experiment, str(tmp_path / name),
+                             num_canaries=30, num_held_out=200, seed=1,
+                             delta=delta, clip_norm=clip)
+    on_disk = json.loads((tmp_path / name / audit.AUDIT_FILE).read_text())
+    assert on_disk == report
+    results[name] = report
+  clean, noisy = results["clean"], results["noisy"]
+  for report in (clean, noisy):
+    assert report["d"] == 610 and report["rounds"] == 8
+    assert report["num_canaries"] == 30 and report["num_held_out"] == 200
+    assert report["canary_participation"]["mean"] > 1
+    # Held-out cosines follow the N(0, 1/d) null.
+    held = report["held_out_cosine"]
+    assert abs(held["mean"]) < 4 * report["null_cosine_std"] / math.sqrt(200)
+    assert held["std"] == pytest.approx(report["null_cosine_std"], rel=0.2)
+  inserted, held = clean["inserted_cosine"], clean["held_out_cosine"]
+  standard_error = math.sqrt(inserted["std"]**2 / 30 + held["std"]**2 / 200)
+  assert inserted["mean"] - held["mean"] > 4 * standard_error
+  assert inserted["max"] > held["max"]
+  assert clean["empirical_epsilon"] > 10
+  assert clean["empirical_epsilon"] > 3 * clean["held_out_as_inserted_epsilon"]
+  assert noisy["empirical_epsilon"] < clean["empirical_epsilon"] / 4
+  assert clean["accountant_epsilon"] is None
+  assert noisy["inserted_cosine"]["mean"] < 2 * clean["null_cosine_std"]
+  # The mean-shift variant is the Gaussian mechanism of the effect size.
+  for report in (clean, noisy):
+    effect = report["mean_shift_effect_size"]
+    assert effect == pytest.approx(max(inserted_mean(report), 0) /
+                                   report["null_cosine_std"])
+    if report["empirical_epsilon_mean_shift"] > 0:
+      assert epsilon_lib.gaussian_mechanism_delta(
+          report["empirical_epsilon_mean_shift"], effect) == pytest.approx(
+              delta, rel=1e-3)
+  assert (clean["empirical_epsilon_mean_shift"] >
+          4 * noisy["empirical_epsilon_mean_shift"])
+
