@@ -127,6 +127,7 @@ def _calculate(accounting):
 
 
 def main(argv):
+  """Prints epsilon (or the calibrated noise multiplier); exit 2 on errors."""
   if len(argv) > 1:
     print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
     sys.exit(2)

@@ -5,6 +5,7 @@ composing them into a fresh dp_accounting accountant (or from a closed form),
 independently of the module's helpers.
 """
 
+import dataclasses
 import math
 import time
 
@@ -131,10 +132,14 @@ def test_local_dp_is_a_gaussian_with_sensitivity_two_clip_norms():
   assert rdp_eps == _rdp_eps(dp_accounting.SelfComposedDpEvent(
       dp_accounting.GaussianDpEvent(z / 2), rounds), Rel.REPLACE_ONE)
   # dp_accounting's PLD shifts replace-one neighbors by 2 sensitivities
-  # itself, so it is given z, not z / 2 (z / 2 would double count).
-  assert pld_eps == _pld_eps(dp_accounting.SelfComposedDpEvent(
-      dp_accounting.GaussianDpEvent(z), rounds), Rel.REPLACE_ONE)
-  assert pld_eps == pytest.approx(exact, rel=1e-6) and pld_eps >= exact
+  # itself, so its event has z, not z / 2 (z / 2 would double count); the
+  # module reports the closed form that the accountant approximates from above.
+  pld_event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(z), rounds)
+  assert accounting.dp_event(_local(z, "pld"), rounds) == pld_event
+  accountant_eps = _pld_eps(pld_event, Rel.REPLACE_ONE)
+  assert pld_eps == exact
+  assert exact <= accountant_eps <= exact * (1 + 1e-6)
   assert exact < rdp_eps < 1.3 * exact
 
 
@@ -204,12 +209,12 @@ def test_bad_delta_rounds_and_targets_are_refused():
   assert accounting.calibrate_noise_multiplier(_poisson(), 0, 1.0, DELTA) == 0
 
 
-# --- calibration ---------------------------------------------------------------
+# --- calibration -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("spec,rounds,target", [
     (_poisson(), 1000, 2.0),
-    (_poisson(q=0.1, accountant="pld"), 50, 3.0),
+    (_poisson(q=0.1, accountant="pld"), 10, 1.0),
     (_fixed(), 200, 4.0),
     (_tree(), 250, 8.0),
     (_local(), 20, 5.0),
@@ -217,25 +222,24 @@ def test_bad_delta_rounds_and_targets_are_refused():
 def test_calibration_round_trips(spec, rounds, target):
   z = accounting.calibrate_noise_multiplier(spec, rounds, target, DELTA)
   def eps(zz):
-    return accounting.epsilon(
-        accounting.AccountingSpec(**{**spec.__dict__, "noise_multiplier": zz}),
-        rounds, DELTA)
+    return accounting.epsilon(dataclasses.replace(spec, noise_multiplier=zz),
+                              rounds, DELTA)
   assert target - 1e-3 <= eps(z) <= target
   assert eps(0.98 * z) > target
 
 
-# --- RoundAccountant ----------------------------------------------------------
+# --- RoundAccountant ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("spec,rel", [
     (_poisson(), 0.0), (_fixed(), 0.0), (_tree(), 0.0), (_local(), 0.0),
     (_poisson(z=1.0, q=0.05, accountant="pld"), 1e-9),
-    (_local(z=20.0, accountant="pld"), 1e-6),
+    (_local(z=20.0, accountant="pld"), 0.0),
 ])
 def test_round_accountant_equals_epsilon_and_is_monotone(spec, rel):
   acc = accounting.RoundAccountant(spec, DELTA)
   values = [acc.epsilon(t) for t in range(0, 41)]  # In order, as the loop.
-  for t in (1, 2, 7, 25, 26, 40, 60):  # 60 is a jump past the last round.
+  for t in (1, 26, 40, 60):  # 26: a partial tree; 60: a jump ahead.
     assert acc.epsilon(t) == pytest.approx(accounting.epsilon(spec, t, DELTA),
                                            rel=rel, abs=0)
   assert values[0] == 0.0
@@ -266,7 +270,7 @@ def test_round_accountant_rdp_is_cheap():
   assert (time.perf_counter() - start) / 1000 < 5e-3
 
 
-# --- published reference: TF Privacy's DP-SGD MNIST tutorial ------------------
+# --- published reference: TF Privacy's DP-SGD MNIST tutorial -----------------
 
 # tensorflow/privacy tutorials/README.md, "Select Parameters": MNIST, N=60000,
 # batch 256, delta=1e-5; (noise multiplier, epochs, published epsilon). The
