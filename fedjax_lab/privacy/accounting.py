@@ -47,6 +47,7 @@ Why each mechanism is described to ``dp_accounting`` the way it is:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -63,6 +64,23 @@ ACCOUNTANTS = ("rdp", "pld")
 # 1e-5 (q from 5e-4 to 0.1, T up to 2e4): at most 2.9e-4 relative; 3e-4 would
 # reach 2.8e-3.
 PLD_VALUE_DISCRETIZATION = 1e-4
+
+
+class _DropNonConvergedOrderWarnings(logging.Filter):
+  """Silences dp_accounting's per-order "failed to converge" warnings.
+
+  For large sampling rates its series for fractional RDP orders (1.1-1.9)
+  does not converge and the order is excluded from the minimum over orders;
+  excluding a candidate can only raise epsilon (conservative), and the
+  integer and larger orders remain, so the warnings (dozens per call) carry
+  no action for the user.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "_compute_log_a_frac failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropNonConvergedOrderWarnings())
 
 _Relation = dp_accounting.NeighboringRelation
 
