@@ -71,6 +71,26 @@ class PrivacyPlan:
     """The cohort size whose noise is added (= the accounted cohort)."""
     return self.spec.expected_cohort_size
 
+  def round_metrics(self, round_index: int) -> dict[str, float]:
+    """Host-side metrics of 0-based round ``round_index`` the round cannot know.
+
+    For DP-FTRL the noise lives in the server optimizer's prefix sums: the
+    released sum at tree step ``s`` carries ``popcount(s)`` node noises, so
+    ``dp_noise_std_on_mean`` is the std of that prefix-sum noise (per
+    coordinate, on the clipped mean) and ``tree_step`` is ``s``.
+    """
+    if self.mechanism != "tree":
+      return {}
+    from fedjax_lab.privacy import tree  # pylint: disable=g-import-not-at-top
+    period = self.spec.rounds_per_tree or self.spec.rounds_per_epoch
+    step = round_index % period + 1
+    node_std = self.noise_multiplier * self.clip_norm / (
+        self.simulated_cohort_size)
+    return {"tree_step": step,
+            "dp_noise_std_on_mean": tree.prefix_noise_std(step, node_std),
+            "dp_noise_std": tree.prefix_noise_std(
+                step, node_std * self.simulated_cohort_size)}
+
   def describe(self) -> dict[str, Any]:
     """JSON-ready summary of the mechanism and its accounting."""
     spec = self.spec

@@ -150,7 +150,8 @@ def run_experiment(exp: Experiment, workdir: str,
         if accountant is not None:
           record.update(epsilon=accountant.epsilon(round_index + 1),
                         delta=privacy.delta,
-                        noise_multiplier=privacy.noise_multiplier)
+                        noise_multiplier=privacy.noise_multiplier,
+                        **privacy.round_metrics(round_index))
         record["seconds"] = time.perf_counter() - round_start
         if (not math.isfinite(metrics.get("train_loss", 0.0)) or
             metrics.get("params_finite", 1.0) < 1.0):

@@ -164,6 +164,11 @@ def test_dp_ftrl_and_local_dp_runs(tmp_path):
                                    mechanism="tree")
   assert [r["epsilon"] for r in records] == pytest.approx(
       [accounting.epsilon(spec, t, 1e-3) for t in range(1, 7)])
+  # 6 rounds per epoch (30 clients / 5): tree steps 1..6, noise std on the
+  # mean z C / 5 * sqrt(popcount(step)).
+  assert [r["tree_step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert [r["dp_noise_std_on_mean"] for r in records] == pytest.approx(
+      [2.0 / 5 * np.sqrt(bin(s).count("1")) for s in range(1, 7)])
   local = _dp_config(mechanism="local")
   summary, records = _run(local, tmp_path / "local")
   assert summary["algorithm"] == "ldp-fedavg"
