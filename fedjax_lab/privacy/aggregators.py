@@ -172,8 +172,10 @@ def adaptive_clipping(initial_clip_norm: float, noise_multiplier: float,
 
   Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private Learning
   with Adaptive Clipping" (NeurIPS), geometric update: each client reports
-  ``b = 1[||delta|| <= C]``; the server forms the noisy fraction
-  ``b_bar = (sum b + N(0, sigma_b^2)) / expected_cohort_size`` and sets
+  ``b - 1/2`` with ``b = 1[||delta|| <= C]`` (centred, so adding or removing
+  a client moves the sum by at most 1/2); the server forms the noisy
+  fraction ``b_bar = (sum (b - 1/2) + N(0, sigma_b^2)) / expected_cohort_size
+  + 1/2`` and sets
   ``C <- C * exp(-clip_learning_rate * (b_bar - target_quantile))``. The
   update sum gets noise multiplier ``split_noise_multiplier(z, sigma_b)`` so
   the round as a whole is a Gaussian mechanism with multiplier ``z``.
@@ -203,20 +205,22 @@ def adaptive_clipping(initial_clip_norm: float, noise_multiplier: float,
   def client_transform(delta, weight, clip_norm, rng):
     del weight, rng
     clipped, norm, metrics = _clip_client(delta, clip_norm)
-    # The unclipped indicator rides along as an extra leaf of the "delta", so
-    # the engine's masked sum over clients counts it too.
-    unclipped = (norm <= clip_norm).astype(jnp.float32)
-    return (clipped, unclipped), jnp.ones([], jnp.float32), metrics
+    # The centred unclipped indicator b - 1/2 (sensitivity 1/2, which the
+    # noise split assumes) rides along as an extra leaf of the "delta", so
+    # the engine's masked sum over clients sums it too.
+    centred = (norm <= clip_norm).astype(jnp.float32) - 0.5
+    return (clipped, centred), jnp.ones([], jnp.float32), metrics
 
   def finalize(weighted_sum, total_weight, num_clients, clip_norm, rng):
     del total_weight, num_clients
-    clipped_sum, unclipped_count = weighted_sum
+    clipped_sum, centred_count = weighted_sum
     delta_rng, count_rng = jax.random.split(rng)
     noise_std = update_multiplier * clip_norm * scale
     noisy_sum = add_gaussian_noise(clipped_sum, noise_std, delta_rng)
     aggregate = jax.tree.map(lambda s: s / expected_cohort_size, noisy_sum)
-    noisy_fraction = (unclipped_count + count_noise_std *
-                      jax.random.normal(count_rng, [])) / expected_cohort_size
+    noisy_fraction = (centred_count + count_noise_std *
+                      jax.random.normal(count_rng, [])) / (
+                          expected_cohort_size) + 0.5
     new_clip_norm = clip_norm * jnp.exp(
         -clip_learning_rate * (noisy_fraction - target_quantile))
     metrics = _noise_metrics(clipped_sum, noise_std, expected_cohort_size)

@@ -197,6 +197,21 @@ def test_adaptive_clipping_with_noise_still_tracks_the_quantile():
   assert clip == pytest.approx(2.0, rel=0.2)
 
 
+def test_adaptive_count_query_has_sensitivity_one_half():
+  """Adding or removing one client moves the summed count leaf by 1/2."""
+  agg = aggregators.adaptive_clipping(1.0, 0.0, expected_cohort_size=4.0)
+  for norm in (0.5, 3.0):  # unclipped and clipped clients
+    (_, centred), _, _ = agg.client_transform(
+        {"w": jnp.asarray([norm])}, 1.0, agg.init(), RNG)
+    assert abs(float(centred)) == 0.5
+  # With zero noise the fraction is recovered exactly when n = m.
+  total = ({"w": jnp.zeros([1])}, jnp.float32(3 * 0.5 + 1 * -0.5))
+  _, new_clip, metrics = agg.finalize(total, 4.0, jnp.float32(4.0),
+                                      agg.init(), RNG)
+  assert float(metrics["unclipped_fraction_noisy"]) == pytest.approx(0.75)
+  assert float(new_clip) == pytest.approx(math.exp(-0.2 * (0.75 - 0.5)))
+
+
 def test_local_dp_noises_each_client_independently():
   agg = aggregators.local_gaussian(clip_norm=1.0, noise_multiplier=2.0)
   delta = {"w": jnp.zeros([20_000])}
