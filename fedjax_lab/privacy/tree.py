@@ -88,14 +88,21 @@ def tree_depth(max_steps: int) -> int:
   return _check_int("max_steps", max_steps, 1).bit_length()
 
 
+# Folded into the seed's key before the tree index (see tree_noise_key).
+_TREE_NOISE_SALT = 0x7EE5
+
+
 def tree_noise_key(seed: int, tree_index: jax.Array | int) -> jax.Array:
   """The key of tree ``tree_index`` of a :func:`dp_ftrl` run with ``seed``.
 
-  ``fold_in(key(seed), tree_index)``: every restarted tree gets fresh,
-  independent node noise. Works with a traced ``tree_index``.
+  ``fold_in(fold_in(key(seed), salt), tree_index)``: every restarted tree
+  gets fresh, independent node noise, and the salt keeps it apart from other
+  streams keyed by the same integer seed (the runner's model initialisation
+  uses ``fold_in(key(seed), 0)``). Works with a traced ``tree_index``.
   """
-  return jax.random.fold_in(jax.random.key(seed),
-                            jnp.asarray(tree_index, jnp.int32))
+  return jax.random.fold_in(
+      jax.random.fold_in(jax.random.key(seed), _TREE_NOISE_SALT),
+      jnp.asarray(tree_index, jnp.int32))
 
 
 def _shape_and_dtype(leaf: Any) -> tuple[tuple[int, ...], Any]:
