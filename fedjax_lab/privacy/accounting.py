@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 from typing import Dict, List, Optional, Tuple
 
 import dp_accounting
@@ -339,7 +340,9 @@ class RoundAccountant:
   PLD, gaussian + poisson: the one-round PLD is built once; round t + 1
   composes it onto round t's PLD, other jumps self-compose it (both
   pessimistic; equal to :func:`epsilon` to ~1e-9 relative). PLD, local:
-  :func:`epsilon`'s closed form. Every value is cached per t.
+  :func:`epsilon`'s closed form. Every value is cached per t. Thread-safe
+  (the training loop computes the next rounds' values in its prefetch
+  thread while the device runs the current round).
   """
 
   def __init__(self, spec: AccountingSpec, delta: float):
@@ -351,11 +354,16 @@ class RoundAccountant:
     self._orders: Optional[np.ndarray] = None
     self._one_pld = None
     self._last: Optional[Tuple[int, object]] = None
+    self._lock = threading.Lock()
 
   def epsilon(self, rounds: int) -> float:
     """Epsilon at ``self.delta`` after ``rounds`` rounds (cached)."""
     if rounds < 0:
       raise PrivacyError(f"rounds must be >= 0, got {rounds}")
+    with self._lock:
+      return self._epsilon_locked(rounds)
+
+  def _epsilon_locked(self, rounds: int) -> float:
     if rounds not in self._cache:
       if self.spec.noise_multiplier == 0:
         value = math.inf

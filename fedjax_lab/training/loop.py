@@ -107,6 +107,13 @@ def run_experiment(exp: Experiment, workdir: str,
         seed=config.seed, round_index=round_index,
         fixed_cohort_size=fixed_cohort_size,
         cohort_multiple_of=cohort_multiple_of)
+    if accountant is not None:
+      # Off the critical path: this runs in the prefetch thread while the
+      # device trains the previous round (the loop needs epsilon after this
+      # round, and after the next one for the budget check).
+      for rounds in (round_index + 1, round_index + 2):
+        if rounds <= config.num_rounds:
+          accountant.epsilon(rounds)
     return round_lib.cohort_arrays(batch)
 
   progress = None
