@@ -244,21 +244,30 @@ def local_gaussian(clip_norm: float, noise_multiplier: float
   no amplification by sampling or aggregation is assumed. The server
   averages what it receives over the clients that reported. Accounting:
   ``fedjax_lab.privacy.accounting`` mechanism ``"local"``.
+
+  Simulation shortcut: the round only uses the SUM of the K reports, whose
+  noise is ``N(0, K (z C)^2 I)`` exactly, so it is drawn once in
+  ``finalize`` instead of K times (one model-sized draw per round instead of
+  one per client: on a 1.2M-parameter CNN with 50 clients, +4% instead of
+  +19% per round). The aggregate has the same distribution.
   """
   _check_positive("clip_norm", clip_norm)
   _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
   noise_std = noise_std_on_sum(clip_norm, noise_multiplier, 1.0)
 
   def client_transform(delta, weight, state, rng):
-    del weight, state
+    del weight, state, rng
     clipped, _, metrics = _clip_client(delta, clip_norm)
-    return (add_gaussian_noise(clipped, noise_std, rng),
-            jnp.ones([], jnp.float32), metrics)
+    return clipped, jnp.ones([], jnp.float32), metrics
 
   def finalize(weighted_sum, total_weight, num_clients, state, rng):
-    del total_weight, rng
+    del total_weight
     count = jnp.maximum(num_clients, 1.0)
-    aggregate = jax.tree.map(lambda s: s / count, weighted_sum)
+    # Sum of num_clients independent N(0, noise_std^2) per coordinate.
+    noisy_sum = add_gaussian_noise(weighted_sum,
+                                   noise_std * jnp.sqrt(num_clients), rng
+                                   ) if noise_std else weighted_sum
+    aggregate = jax.tree.map(lambda s: s / count, noisy_sum)
     metrics = {"dp_noise_std": jnp.asarray(noise_std, jnp.float32),
                "dp_noise_std_on_mean": noise_std / jnp.sqrt(count),
                "clip_norm": jnp.asarray(clip_norm, jnp.float32)}

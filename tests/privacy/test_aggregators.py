@@ -216,13 +216,19 @@ def test_adaptive_count_query_has_sensitivity_one_half():
   assert float(new_clip) == pytest.approx(math.exp(-0.2 * (0.75 - 0.5)))
 
 
-def test_local_dp_noises_each_client_independently():
+def test_local_dp_mean_carries_each_clients_noise():
+  """The mean of K local reports has noise std z C / sqrt(K) per coordinate."""
   agg = aggregators.local_gaussian(clip_norm=1.0, noise_multiplier=2.0)
-  delta = {"w": jnp.zeros([20_000])}
-  a, _, _ = agg.client_transform(delta, 1.0, (), jax.random.key(1))
-  b, _, _ = agg.client_transform(delta, 1.0, (), jax.random.key(2))
-  assert np.std(a["w"]) == pytest.approx(2.0, rel=0.03)
-  assert abs(np.corrcoef(a["w"], b["w"])[0, 1]) < 0.05
-  mean, _, _ = agg.finalize({"w": a["w"] + b["w"]}, 2.0, jnp.float32(2.0),
-                            (), RNG)
-  np.testing.assert_allclose(mean["w"], (a["w"] + b["w"]) / 2, rtol=1e-6)
+  delta = {"w": jnp.full([50_000], 10.0)}  # clipped to norm 1
+  clipped, weight, _ = agg.client_transform(delta, 7.0, (), RNG)
+  assert float(global_norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+  assert float(weight) == 1.0
+  for num_clients in (1.0, 4.0, 25.0):
+    total = jax.tree.map(lambda c: c * num_clients, clipped)
+    mean, _, metrics = agg.finalize(total, num_clients,
+                                    jnp.float32(num_clients), (), RNG)
+    noise = np.asarray(mean["w"] - clipped["w"])
+    want = 2.0 / math.sqrt(num_clients)
+    assert np.std(noise) == pytest.approx(want, rel=0.02)
+    assert abs(np.mean(noise)) < 6 * want / math.sqrt(noise.size)
+    assert float(metrics["dp_noise_std_on_mean"]) == pytest.approx(want)
