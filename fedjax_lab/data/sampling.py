@@ -27,6 +27,8 @@ from typing import Protocol
 
 import numpy as np
 
+from fedjax_lab.checks import check_int
+
 # Distinct salts keep the samplers' random streams unrelated even when
 # they share a seed (and unrelated to the batching streams in cohort.py).
 _UNIFORM_SALT = 0x5A3F_01
@@ -45,19 +47,9 @@ class ClientSampler(Protocol):
     ...
 
 
-def _check_int(name: str, value: int, minimum: int) -> int:
-  """Returns ``value`` as int after checking it is an integer >= ``minimum``."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, np.integer)):
-    raise TypeError(f"{name} must be an integer, got {value!r}.")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-  return int(value)
-
-
 def _round_rng(seed: int, round_index: int, salt: int) -> np.random.Generator:
   """Generator seeded from ``(seed, round_index, salt)`` only."""
-  round_index = _check_int("round_index", round_index, 0)
+  round_index = check_int("round_index", round_index, 0)
   return np.random.default_rng([seed, round_index, salt])
 
 
@@ -74,9 +66,9 @@ class UniformSampler:
   kind = "fixed"
 
   def __init__(self, num_clients: int, cohort_size: int, seed: int):
-    self.num_clients = _check_int("num_clients", num_clients, 1)
-    self.cohort_size = _check_int("cohort_size", cohort_size, 1)
-    self.seed = _check_int("seed", seed, 0)
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    self.cohort_size = check_int("cohort_size", cohort_size, 1)
+    self.seed = check_int("seed", seed, 0)
     if self.cohort_size > self.num_clients:
       raise ValueError(
           f"cohort_size ({self.cohort_size}) cannot exceed num_clients "
@@ -107,8 +99,8 @@ class PoissonSampler:
   kind = "poisson"
 
   def __init__(self, num_clients: int, sampling_rate: float, seed: int):
-    self.num_clients = _check_int("num_clients", num_clients, 1)
-    self.seed = _check_int("seed", seed, 0)
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    self.seed = check_int("seed", seed, 0)
     if isinstance(sampling_rate, (bool, np.bool_)) or not isinstance(
         sampling_rate, (int, float, np.integer, np.floating)):
       raise TypeError(
@@ -164,9 +156,9 @@ class ShuffledSampler:
   kind = "shuffle"
 
   def __init__(self, num_clients: int, cohort_size: int, seed: int):
-    self.num_clients = _check_int("num_clients", num_clients, 1)
-    self.cohort_size = _check_int("cohort_size", cohort_size, 1)
-    self.seed = _check_int("seed", seed, 0)
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    self.cohort_size = check_int("cohort_size", cohort_size, 1)
+    self.seed = check_int("seed", seed, 0)
     if self.cohort_size > self.num_clients:
       raise ValueError(
           f"cohort_size ({self.cohort_size}) cannot exceed num_clients "
@@ -175,7 +167,7 @@ class ShuffledSampler:
 
   def epoch(self, round_index: int) -> int:
     """Index of the epoch that round ``round_index`` belongs to."""
-    round_index = _check_int("round_index", round_index, 0)
+    round_index = check_int("round_index", round_index, 0)
     return round_index // self.rounds_per_epoch
 
   def sample(self, round_index: int) -> np.ndarray:

@@ -42,17 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab.checks import check_int
+
 PyTree = Any
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-  """Returns ``value`` as int after checking it is an integer >= ``minimum``."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, np.integer)):
-    raise TypeError(f"{name} must be an integer, got {value!r}.")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-  return int(value)
 
 
 def _check_float(name: str, value: float, minimum: float,
@@ -85,7 +77,7 @@ def tree_depth(max_steps: int) -> int:
   Returns:
     ``max_steps.bit_length()`` (1 for one step, 3 for 4..7 steps, ...).
   """
-  return _check_int("max_steps", max_steps, 1).bit_length()
+  return check_int("max_steps", max_steps, 1).bit_length()
 
 
 # Folded into the seed's key before the tree index (see tree_noise_key).
@@ -148,7 +140,7 @@ def prefix_noise(tree_key: jax.Array, step: jax.Array | int,
   Returns:
     A pytree like ``template_pytree`` holding the noise.
   """
-  num_levels = _check_int("num_levels", num_levels, 0)
+  num_levels = check_int("num_levels", num_levels, 0)
   step = jnp.asarray(step, jnp.int32)
   leaves, treedef = jax.tree.flatten(template_pytree)
   specs = [_shape_and_dtype(leaf) for leaf in leaves]
@@ -179,7 +171,7 @@ def prefix_noise_std(step: int, noise_std: float) -> float:
       ``int(state.step_in_tree)`` of a :class:`DPFTRLState`.
     noise_std: per-node noise standard deviation.
   """
-  step = _check_int("step", step, 0)
+  step = check_int("step", step, 0)
   return float(noise_std) * math.sqrt(bin(step).count("1"))
 
 
@@ -254,9 +246,9 @@ def dp_ftrl(learning_rate: float, noise_std: float, steps_per_tree: int,
   learning_rate = _check_float("learning_rate", learning_rate, 0.0,
                                open_min=True)
   noise_std = _check_float("noise_std", noise_std, 0.0)
-  steps_per_tree = _check_int("steps_per_tree", steps_per_tree, 1)
+  steps_per_tree = check_int("steps_per_tree", steps_per_tree, 1)
   momentum = _check_float("momentum", momentum, 0.0, 1.0, open_max=True)
-  seed = _check_int("seed", seed, 0)
+  seed = check_int("seed", seed, 0)
   if seed >= 2**32:
     raise ValueError(f"seed must be < 2**32, got {seed}.")
   num_levels = tree_depth(steps_per_tree)
