@@ -19,11 +19,12 @@ noises the updates, so C only sets how strong the canaries are.
 import json
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from experiments import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "configs", "default.py")
@@ -52,40 +53,28 @@ _NULL = flags.DEFINE_enum(
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def _default_workdir(config_path: str) -> str:
-  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  return os.path.join("runs",
-                      f"audit-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported here so --help stays fast.
   from fedjax_lab.privacy import audit, canaries  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.training import setup  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
-  workdir = _WORKDIR.value or _default_workdir(
-      flags.FLAGS["config"].config_filename)
-  try:
-    experiment = setup.build_experiment(config)
-  except (setup.ConfigError, ValueError, TypeError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  workdir = _WORKDIR.value or cli.default_workdir(
+      flags.FLAGS["config"].config_filename, prefix="audit-")
+  experiment = cli.build_experiment_or_exit(config)
   clip_norm = canaries.resolve_clip_norm(experiment, _CLIP_NORM.value)
   if clip_norm is None:
-    print("error: the config has no privacy.clip_norm; pass --clip_norm "
-          "(the L2 norm of a canary update).", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("the config has no privacy.clip_norm; pass --clip_norm (the L2 "
+             "norm of a canary update).")
   if experiment.privacy is not None and _CLIP_NORM.value is not None and (
       _CLIP_NORM.value != experiment.privacy.clip_norm):
     print(f"warning: canaries have norm {clip_norm:g} but the mechanism clips"
           f" to {experiment.privacy.clip_norm:g}.", file=sys.stderr)
   if _NUM_CANARIES.value < 2 or _NUM_HELD_OUT.value < 0:
-    print("error: need --num_canaries >= 2 (a Gaussian is fitted to their "
-          "cosines) and --num_held_out >= 0.", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("need --num_canaries >= 2 (a Gaussian is fitted to their "
+             "cosines) and --num_held_out >= 0.")
   seed = config.seed if _CANARY_SEED.value is None else _CANARY_SEED.value
   delta = canaries.resolve_delta(experiment, _DELTA.value)
   print(f"dataset: {json.dumps(experiment.dataset.summary())}",
@@ -94,18 +83,12 @@ def main(argv):
         f"out) of norm {clip_norm:g}, delta={delta:.3g}, null={_NULL.value}; "
         f"strategy: {experiment.strategy.label} on "
         f"{setup.describe_devices()}; workdir: {workdir}", file=sys.stderr)
-  try:
+  with cli.run_errors_exit():
     report = audit.run_audit(
         experiment, workdir, num_canaries=_NUM_CANARIES.value,
         num_held_out=_NUM_HELD_OUT.value, seed=seed, delta=delta,
         clip_norm=clip_norm, null=_NULL.value,
         show_progress=_PROGRESS.value)
-  except FileExistsError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except loop.DivergedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
   print(json.dumps(report, sort_keys=True))
 
 

@@ -12,11 +12,12 @@ run of the same pipeline. The last line on stdout is the run's JSON summary.
 import json
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from experiments import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "configs", "default.py")
@@ -29,11 +30,6 @@ _WORKDIR = flags.DEFINE_string(
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def _default_workdir(config_path: str) -> str:
-  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -41,26 +37,19 @@ def main(argv):
   from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
-  workdir = _WORKDIR.value or _default_workdir(
+  workdir = _WORKDIR.value or cli.default_workdir(
       flags.FLAGS["config"].config_filename)
-  try:
-    experiment = setup.build_experiment(config)
-  except (setup.ConfigError, ValueError, TypeError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  experiment = cli.build_experiment_or_exit(config)
   print(f"dataset: {json.dumps(experiment.dataset.summary())}",
         file=sys.stderr)
   print(f"strategy: {experiment.strategy.label} on "
         f"{setup.describe_devices()}; workdir: {workdir}", file=sys.stderr)
-  try:
+  if experiment.privacy is not None:
+    print(f"privacy: {json.dumps(experiment.privacy.describe())}",
+          file=sys.stderr)
+  with cli.run_errors_exit():
     summary = loop.run_experiment(experiment, workdir,
                                   show_progress=_PROGRESS.value)
-  except FileExistsError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except loop.DivergedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
   print(json.dumps(summary))
 
 
