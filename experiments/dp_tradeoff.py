@@ -1,10 +1,13 @@
-r"""Accuracy vs epsilon: one config at several noise multipliers, plus no DP.
+r"""Accuracy vs epsilon: one config at several noise levels, plus no DP.
 
   python -m experiments.dp_tradeoff [--config=configs/dp_mnist.py] \
-      [--noise_multipliers=0.5,1,2,4,8] [--seeds=0,1] \
-      [--workdir=runs/dp_tradeoff] [--out=experiments/results/dp_mnist_tradeoff]
+      [--noise_multipliers=0.5,1,2,4,8 | --target_epsilons=0.5,1,2,4,8] \
+      [--seeds=0,1] [--workdir=runs/dp_tradeoff] \
+      [--out=experiments/results/dp_mnist_tradeoff]
 
-Runs the config once per (noise multiplier, seed) and once per seed with
+Runs the config once per (noise multiplier, seed) — or, with
+``--target_epsilons``, once per (target epsilon, seed) with the noise
+multiplier calibrated to it before training — and once per seed with
 ``privacy.mechanism=none`` (the non-private baseline, same everything else),
 each in its own ``workdir/<member>`` (members already finished there are
 read back, not rerun), then writes ``OUT.json``, ``OUT.md`` (a table of final
@@ -29,6 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "A DP config (its privacy.mechanism is kept for the DP members).")
 _NOISE = flags.DEFINE_list("noise_multipliers", ["0.5", "1", "2", "4", "8"],
                            "Noise multipliers to run.")
+_TARGETS = flags.DEFINE_list(
+    "target_epsilons", [], "If set: calibrate z to each of these epsilons "
+    "(privacy.calibrate=True) instead of sweeping --noise_multipliers.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) per setting.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/dp_tradeoff",
                                "Folder for the members' runs.")
@@ -129,19 +135,31 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   base = _CONFIG.value
   results = []
-  settings = [("no DP", None)] + [(f"z={z}", float(z)) for z in _NOISE.value]
-  for label, noise in settings:
+  if _TARGETS.value:
+    settings = [("no DP", None)] + [(f"eps={e}", float(e))
+                                    for e in _TARGETS.value]
+  else:
+    settings = [("no DP", None)] + [(f"z={z}", float(z))
+                                    for z in _NOISE.value]
+  for label, level in settings:
     for seed in _SEEDS.value:
       config = base.copy_and_resolve_references()
       config.seed = int(seed)
-      if noise is None:
+      if level is None:
         config.privacy.mechanism = "none"
+        name = "nodp"
+      elif _TARGETS.value:
+        config.privacy.update({"calibrate": True, "target_epsilon": level})
+        name = f"eps{level:g}"
       else:
-        config.privacy.noise_multiplier = noise
-      name = ("nodp" if noise is None else f"z{noise:g}") + f"-seed{seed}"
-      summary = _member(config, os.path.join(_WORKDIR.value, name))
+        config.privacy.update({"calibrate": False, "target_epsilon": 0.0,
+                               "noise_multiplier": level})
+        name = f"z{level:g}"
+      summary = _member(config, os.path.join(_WORKDIR.value,
+                                             f"{name}-seed{seed}"))
+      privacy = summary.get("privacy") or {}
       results.append({"setting": label, "seed": int(seed),
-                      "noise_multiplier": noise,
+                      "noise_multiplier": privacy.get("noise_multiplier"),
                       "epsilon": summary.get("epsilon"),
                       "delta": summary.get("delta"),
                       "final_eval_accuracy": summary["final_eval_accuracy"],
