@@ -74,13 +74,19 @@ class PrivacyPlan:
   def round_metrics(self, round_index: int) -> dict[str, float]:
     """Host-side metrics of 0-based round ``round_index`` the round cannot know.
 
+    With ``noise_cohort_size`` the line carries ``accounted_cohort_size``.
+
     For DP-FTRL the noise lives in the server optimizer's prefix sums: the
     released sum at tree step ``s`` carries ``popcount(s)`` node noises, so
     ``dp_noise_std_on_mean`` is the std of that prefix-sum noise (per
     coordinate, on the clipped mean) and ``tree_step`` is ``s``.
     """
     if self.mechanism != "tree":
-      return {}
+      if math.isclose(self.noise_cohort_size, self.simulated_cohort_size):
+        return {}
+      # Large-cohort simulation: say in every line which cohort the noise
+      # and epsilon are for.
+      return {"accounted_cohort_size": self.noise_cohort_size}
     from fedjax_lab.privacy import tree  # pylint: disable=g-import-not-at-top
     period = self.spec.rounds_per_tree or self.spec.rounds_per_epoch
     step = round_index % period + 1

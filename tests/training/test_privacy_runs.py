@@ -106,6 +106,7 @@ def test_large_cohort_noise_simulation_is_labelled(tmp_path):
   assert "accounted for a cohort of 200" in privacy["note"]
   # Noise on the sum scaled so its std on the mean is z C / 200.
   assert records[0]["dp_noise_std_on_mean"] == pytest.approx(1.0 / 200)
+  assert all(r["accounted_cohort_size"] == 200 for r in records)
   spec = accounting.AccountingSpec(noise_multiplier=1.0, sampling="poisson",
                                    population=10_000, sampling_rate=0.02)
   assert summary["epsilon"] == pytest.approx(
