@@ -3,8 +3,11 @@
 * :mod:`clipping` — L2 clipping of whole update pytrees.
 * :mod:`aggregators` — DP-FedAvg's Gaussian sum, adaptive clipping, local DP
   (each an :class:`~fedjax_lab.algorithms.base.Aggregator`).
+* :mod:`tree` — tree-aggregation noise and the DP-FTRL server optimizer.
 * :mod:`accounting` — the DP event of a round, epsilon after t rounds,
   calibration of the noise multiplier (through ``dp_accounting``).
-* :mod:`tree` — tree-aggregation noise and the DP-FTRL server optimizer.
-* :mod:`audit` — canary clients and the one-shot empirical epsilon.
+* :mod:`plan` — a config's ``privacy`` block resolved into the mechanism and
+  its accounting (refusing combinations whose guarantee would not hold).
+* :mod:`canaries`, :mod:`empirical_epsilon`, :mod:`audit` — the one-shot
+  empirical privacy audit with canary clients.
 """
