@@ -1,0 +1,224 @@
+"""FedProx: FedAvg with a proximal term and tolerance for partial local work.
+
+Li, Sahu, Zaheer, Sanjabi, Talwalkar & Smith 2020, "Federated Optimization in
+Heterogeneous Networks", MLSys.
+
+Each client of a round minimises its loss plus ``(mu / 2) * ||w - w_t||^2``
+around the broadcast global model ``w_t``. Every local step therefore adds the
+proximal gradient ``mu * (w - w_t)`` to the loss gradient before the client
+optimizer sees it (with ``optax.sgd`` this is the paper's local solver). With
+``mu = 0`` and no stragglers the round is exactly FedAvg's. The server side
+(delta aggregation, FedOpt server step) is FedOpt's.
+
+Systems heterogeneity (paper Sec. 5.2): each round a fraction of the clients
+are stragglers that only manage a random number of local steps, uniform in
+``[straggler_min_steps, N)`` where ``N`` is the client's full number of local
+steps this round. FedProx aggregates the stragglers' partial updates; FedAvg
+as run in the paper drops them (``drop_stragglers=True``).
+
+Engine mapping of stragglers: whether a client straggles is drawn in
+``client_init`` from the client's own key (``fold_in(round_key, client)``), so
+it is deterministic and independent of the client's slot in the cohort. The
+client's ``N`` is not known when local training starts (``client_init`` sees
+no data), so the truncation point is drawn online by reservoir sampling: the
+carry keeps a frozen copy of the local model. Before local step ``t + 1`` the
+state after ``t >= straggler_min_steps`` steps replaces that copy with
+probability ``1 / (t - straggler_min_steps + 1)``; after the last step the
+copy is the state after ``k`` steps with ``k`` uniform over
+``[straggler_min_steps, N)``, and from step ``k`` on the copy stays unchanged,
+as if the later steps were skipped. A selected client with
+``N <= straggler_min_steps`` has nothing to cut and does its full work; it does
+not count as a straggler. The engine makes padded (all-masked) steps no-ops,
+so they neither count as steps nor touch the copy.
+
+``mu`` is fixed. The paper's adaptive-``mu`` heuristic (raise ``mu`` when the
+round's training loss goes up, lower it after several rounds of decrease)
+needs the round's average training loss in ``server_update``, which only
+receives the aggregate of the client deltas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab.algorithms import base
+from fedjax_lab.algorithms import fedavg
+from fedjax_lab.models import base as model_base
+
+# Folded into a client's key for its straggler draws (training keeps the key
+# itself, so with no stragglers local training is bit-identical to FedAvg's).
+_STRAGGLER_RNG_TAG = 0x5EED
+
+# FedAvg's local-step helpers, shared so that mu = 0 reproduces FedAvg.
+_masked_loss_and_grad = fedavg._masked_loss_and_grad  # pylint: disable=protected-access
+_client_weight = fedavg._client_weight  # pylint: disable=protected-access
+
+
+class Snapshot(NamedTuple):
+  """A straggler's local training frozen after ``num_steps`` steps."""
+
+  params: base.PyTree
+  loss_sum: jax.Array
+  loss_weight: jax.Array
+  num_steps: jax.Array
+
+
+class StragglerCarry(NamedTuple):
+  """Straggler bookkeeping during local training.
+
+  Attributes:
+    selected: whether this client is a straggler this round.
+    rng: key for the reservoir draws (folded with the step count).
+    snapshot: the local state at the truncation point chosen so far.
+    has_snapshot: whether a truncation point exists (``N >
+      straggler_min_steps`` so far).
+  """
+
+  selected: jax.Array
+  rng: jax.Array
+  snapshot: Snapshot
+  has_snapshot: jax.Array
+
+
+class ProxCarry(NamedTuple):
+  """Per-client state during FedProx's local training.
+
+  Attributes:
+    local: the live local training state (FedAvg's carry).
+    global_params: the broadcast model ``w_t`` the proximal term pulls to.
+    num_steps: local steps taken (steps with at least one real example).
+    straggler: a :class:`StragglerCarry`, or ``()`` without stragglers.
+  """
+
+  local: fedavg.LocalCarry
+  global_params: base.PyTree
+  num_steps: jax.Array
+  straggler: StragglerCarry | tuple
+
+
+def _where(cond: jax.Array, new: base.PyTree, old: base.PyTree) -> base.PyTree:
+  return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
+def fedprox(model: model_base.Model,
+            client_optimizer: optax.GradientTransformation,
+            server_optimizer: optax.GradientTransformation,
+            mu: float,
+            weighting: str = "num_examples",
+            aggregator: base.Aggregator | None = None,
+            straggler_fraction: float = 0.0,
+            straggler_min_steps: int = 1,
+            drop_stragglers: bool = False) -> base.FederatedAlgorithm:
+  """FedProx (Li et al., MLSys 2020): proximal local objective, stragglers.
+
+  Args:
+    model: the model to train.
+    client_optimizer: optax transformation for local steps, fed the gradient
+      of ``loss + (mu / 2) * ||w - w_t||^2`` (re-initialised every round).
+    server_optimizer: optax transformation applied to ``-(aggregate of client
+      deltas)``, as in FedOpt; ``optax.sgd(1.0)`` is the paper's server.
+    mu: proximal coefficient (``>= 0``; 0 is FedAvg).
+    weighting: ``"num_examples"`` or ``"uniform"`` aggregation weights.
+    aggregator: how deltas are combined; default weighted mean.
+    straggler_fraction: probability, per client and round, that the client is
+      a straggler doing only ``k ~ U[straggler_min_steps, N)`` of its ``N``
+      local steps (paper Sec. 5.2; 0 disables stragglers).
+    straggler_min_steps: fewest local steps a straggler does (``>= 1``).
+    drop_stragglers: give stragglers' updates zero weight and a zero delta
+      (FedAvg's treatment in the paper) instead of aggregating their partial
+      work. The zero delta keeps them out of aggregators that reset weights
+      (e.g. DP ones).
+
+  Returns:
+    The algorithm. Client metrics: ``train_loss`` (over the steps actually
+    taken), ``straggler`` (fraction of clients whose work was cut) and
+    ``local_steps`` (mean local steps actually taken).
+  """
+  if mu < 0:
+    raise ValueError(f"mu must be >= 0, got {mu}.")
+  if not 0.0 <= straggler_fraction <= 1.0:
+    raise ValueError("straggler_fraction must be in [0, 1], got "
+                     f"{straggler_fraction}.")
+  if straggler_min_steps < 1:
+    raise ValueError("straggler_min_steps must be >= 1, got "
+                     f"{straggler_min_steps}.")
+  with_stragglers = straggler_fraction > 0
+  # Server side (init, broadcast, aggregation, server step) is FedOpt's.
+  server_side = fedavg.fedopt(model, client_optimizer, server_optimizer,
+                              weighting, aggregator, name="fedprox")
+
+  def client_init(global_params, client_state, rng):
+    del client_state
+    zero = jnp.zeros([], jnp.float32)
+    no_steps = jnp.zeros([], jnp.int32)
+    local = fedavg.LocalCarry(global_params,
+                              client_optimizer.init(global_params), rng, zero,
+                              zero)
+    straggler = ()
+    if with_stragglers:
+      select_rng, reservoir_rng = jax.random.split(
+          jax.random.fold_in(rng, _STRAGGLER_RNG_TAG))
+      straggler = StragglerCarry(
+          selected=jax.random.uniform(select_rng) < straggler_fraction,
+          rng=reservoir_rng,
+          snapshot=Snapshot(global_params, zero, zero, no_steps),
+          has_snapshot=jnp.zeros([], bool))
+    return ProxCarry(local, global_params, no_steps, straggler)
+
+  def offer_snapshot(carry):
+    """Reservoir step: the state before this step may become the cut point."""
+    straggler, local, steps = carry.straggler, carry.local, carry.num_steps
+    candidates = (steps - straggler_min_steps + 1).astype(jnp.float32)
+    u = jax.random.uniform(jax.random.fold_in(straggler.rng, steps))
+    take = straggler.selected & (candidates >= 1) & (u * candidates < 1.0)
+    current = Snapshot(local.params, local.loss_sum, local.loss_weight, steps)
+    return straggler._replace(
+        snapshot=_where(take, current, straggler.snapshot),
+        has_snapshot=straggler.has_snapshot | take)
+
+  def client_step(carry, batch, mask):
+    straggler = offer_snapshot(carry) if with_stragglers else ()
+    local = carry.local
+    rng, step_rng = jax.random.split(local.rng)
+    grads, loss_sum, weight_sum = _masked_loss_and_grad(
+        model, local.params, batch, mask, step_rng)
+    if mu:
+      grads = jax.tree.map(lambda g, w, w0: g + mu * (w - w0), grads,
+                           local.params, carry.global_params)
+    updates, opt_state = client_optimizer.update(grads, local.opt_state,
+                                                 local.params)
+    params = optax.apply_updates(local.params, updates)
+    local = fedavg.LocalCarry(params, opt_state, rng, local.loss_sum + loss_sum,
+                              local.loss_weight + weight_sum)
+    return ProxCarry(local, carry.global_params, carry.num_steps + 1,
+                     straggler)
+
+  def client_final(global_params, carry, num_examples):
+    local = carry.local
+    done = Snapshot(local.params, local.loss_sum, local.loss_weight,
+                    carry.num_steps)
+    cut = jnp.zeros([], bool)
+    if with_stragglers:
+      cut = carry.straggler.selected & carry.straggler.has_snapshot
+      done = _where(cut, carry.straggler.snapshot, done)
+    delta = jax.tree.map(jnp.subtract, done.params, global_params)
+    weight = _client_weight(weighting, num_examples)
+    if drop_stragglers:
+      delta = jax.tree.map(lambda d: jnp.where(cut, jnp.zeros_like(d), d),
+                           delta)
+      weight = jnp.where(cut, jnp.zeros_like(weight), weight)
+    one = jnp.ones([], jnp.float32)
+    return base.ClientUpdate(
+        delta=delta, weight=weight, client_state=(),
+        metrics={"train_loss": (done.loss_sum, done.loss_weight),
+                 "straggler": (cut.astype(jnp.float32), one),
+                 "local_steps": (done.num_steps.astype(jnp.float32), one)})
+
+  return dataclasses.replace(server_side, client_init=client_init,
+                             client_step=client_step,
+                             client_final=client_final)
