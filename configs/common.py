@@ -27,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.server = ml_collections.ConfigDict({
       "optimizer": "sgd", "learning_rate": 1.0, "hparams": {}})
   config.privacy = privacy_defaults()
+  # FedProx (algorithm="fedprox"): proximal weight and systems heterogeneity.
+  config.fedprox = ml_collections.ConfigDict({
+      "mu": 0.0, "straggler_fraction": 0.0, "straggler_min_steps": 1,
+      "drop_stragglers": False})
   return config
 
 

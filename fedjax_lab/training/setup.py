@@ -6,7 +6,9 @@ with ``--config.KEY=VALUE``):
 * ``seed``, ``num_rounds``, ``eval_every``, ``eval_batch_size``,
   ``eval_max_examples`` (0 = all), ``strategy`` (``"auto"`` or e.g.
   ``"vmap+scan"``), ``shard_clients``.
-* ``algorithm``: ``fedavg`` | ``fedopt`` | ``fedsgd``; ``weighting``:
+* ``algorithm``: ``fedavg`` | ``fedopt`` | ``fedsgd`` | ``fedprox`` (with a
+  ``fedprox`` block: ``mu``, ``straggler_fraction``, ``straggler_min_steps``,
+  ``drop_stragglers``); ``weighting``:
   ``num_examples`` | ``uniform``.
 * ``sampling``: ``fixed`` (``cohort_size`` clients without replacement) or
   ``poisson`` (each client with probability ``sampling_rate``).
@@ -30,6 +32,7 @@ import ml_collections
 from fedjax_lab import models
 from fedjax_lab.algorithms import base as alg_base
 from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import fedprox
 from fedjax_lab.algorithms.optimizers import build_optimizer
 from fedjax_lab.data import sampling
 from fedjax_lab.data.federated import FederatedDataset
@@ -38,7 +41,7 @@ from fedjax_lab.engine.strategy import Strategy, parse_strategy
 from fedjax_lab.privacy import accounting
 from fedjax_lab.privacy import plan as privacy_plan
 
-ALGORITHMS = ("fedavg", "fedopt", "fedsgd")
+ALGORITHMS = ("fedavg", "fedopt", "fedsgd", "fedprox")
 SAMPLING_KINDS = ("fixed", "poisson", "shuffle")
 MODEL_FAMILIES = {"cnn": "conv", "char_lstm": "recurrent"}
 
@@ -140,6 +143,15 @@ def build_algorithm(config, model,
   if config.algorithm == "fedsgd":
     algorithm = fedavg.fedsgd(model, server_opt, weighting=config.weighting,
                               aggregator=aggregator)
+    return dataclasses.replace(algorithm, name=name)
+  if config.algorithm == "fedprox":
+    prox = config.get("fedprox", {})
+    algorithm = fedprox.fedprox(
+        model, client_opt, server_opt, mu=prox.get("mu", 0.0),
+        weighting=config.weighting, aggregator=aggregator,
+        straggler_fraction=prox.get("straggler_fraction", 0.0),
+        straggler_min_steps=prox.get("straggler_min_steps", 1),
+        drop_stragglers=prox.get("drop_stragglers", False))
     return dataclasses.replace(algorithm, name=name)
   return fedavg.fedopt(model, client_opt, server_opt,
                        weighting=config.weighting, aggregator=aggregator,
