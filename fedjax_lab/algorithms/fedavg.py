@@ -34,19 +34,21 @@ class LocalCarry(NamedTuple):
   loss_weight: jax.Array
 
 
-def _check_weighting(weighting: str) -> None:
+def check_weighting(weighting: str) -> None:
+  """Raises ValueError unless ``weighting`` is one of :data:`WEIGHTINGS`."""
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got "
                      f"{weighting!r}.")
 
 
-def _client_weight(weighting: str, num_examples: jax.Array) -> jax.Array:
+def client_weight(weighting: str, num_examples: jax.Array) -> jax.Array:
+  """A client's aggregation weight: its example count, or 1 (``uniform``)."""
   if weighting == "uniform":
     return jnp.ones_like(num_examples)
   return num_examples
 
 
-def _masked_loss_and_grad(model, params, batch, mask, rng):
+def masked_loss_and_grad(model, params, batch, mask, rng):
   """Gradient of the masked mean loss; also (loss_sum, weight_sum) of the batch."""
 
   def loss_fn(p):
@@ -98,7 +100,7 @@ def fedopt(model: model_base.Model,
       aggregator plugs in here.
     name: display name.
   """
-  _check_weighting(weighting)
+  check_weighting(weighting)
   aggregator = aggregator or base.weighted_mean()
 
   def server_init(params):
@@ -118,7 +120,7 @@ def fedopt(model: model_base.Model,
 
   def client_step(carry, batch, mask):
     rng, step_rng = jax.random.split(carry.rng)
-    grads, loss_sum, weight_sum = _masked_loss_and_grad(
+    grads, loss_sum, weight_sum = masked_loss_and_grad(
         model, carry.params, batch, mask, step_rng)
     updates, opt_state = client_optimizer.update(grads, carry.opt_state,
                                                  carry.params)
@@ -129,7 +131,7 @@ def fedopt(model: model_base.Model,
   def client_final(global_params, carry, num_examples):
     delta = jax.tree.map(jnp.subtract, carry.params, global_params)
     return base.ClientUpdate(
-        delta=delta, weight=_client_weight(weighting, num_examples),
+        delta=delta, weight=client_weight(weighting, num_examples),
         client_state=(),
         metrics={"train_loss": (carry.loss_sum, carry.loss_weight)})
 
@@ -187,7 +189,7 @@ def fedsgd(model: model_base.Model,
   def client_step(carry, batch, mask):
     global_params, inner_carry = carry
     rng, step_rng = jax.random.split(inner_carry.rng)
-    grads, loss_sum, weight_sum = _masked_loss_and_grad(
+    grads, loss_sum, weight_sum = masked_loss_and_grad(
         model, global_params, batch, mask, step_rng)
     # Gradient of the batch's loss SUM, so the total is exact over batches.
     grad_sum = jax.tree.map(lambda acc, g: acc + g * weight_sum,
@@ -201,7 +203,7 @@ def fedsgd(model: model_base.Model,
     scale = 1.0 / jnp.maximum(inner_carry.loss_weight, 1e-12)
     delta = jax.tree.map(lambda g: -g * scale, inner_carry.grad_sum)
     return base.ClientUpdate(
-        delta=delta, weight=_client_weight(weighting, num_examples),
+        delta=delta, weight=client_weight(weighting, num_examples),
         client_state=(),
         metrics={"train_loss": (inner_carry.loss_sum,
                                 inner_carry.loss_weight)})

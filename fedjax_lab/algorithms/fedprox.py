@@ -54,9 +54,6 @@ from fedjax_lab.models import base as model_base
 # itself, so with no stragglers local training is bit-identical to FedAvg's).
 _STRAGGLER_RNG_TAG = 0x5EED
 
-# FedAvg's local-step helpers, shared so that mu = 0 reproduces FedAvg.
-_masked_loss_and_grad = fedavg._masked_loss_and_grad  # pylint: disable=protected-access
-_client_weight = fedavg._client_weight  # pylint: disable=protected-access
 
 
 class Snapshot(NamedTuple):
@@ -185,7 +182,7 @@ def fedprox(model: model_base.Model,
     straggler = offer_snapshot(carry) if with_stragglers else ()
     local = carry.local
     rng, step_rng = jax.random.split(local.rng)
-    grads, loss_sum, weight_sum = _masked_loss_and_grad(
+    grads, loss_sum, weight_sum = fedavg.masked_loss_and_grad(
         model, local.params, batch, mask, step_rng)
     if mu:
       grads = jax.tree.map(lambda g, w, w0: g + mu * (w - w0), grads,
@@ -207,7 +204,7 @@ def fedprox(model: model_base.Model,
       cut = carry.straggler.selected & carry.straggler.has_snapshot
       done = _where(cut, carry.straggler.snapshot, done)
     delta = jax.tree.map(jnp.subtract, done.params, global_params)
-    weight = _client_weight(weighting, num_examples)
+    weight = fedavg.client_weight(weighting, num_examples)
     if drop_stragglers:
       delta = jax.tree.map(lambda d: jnp.where(cut, jnp.zeros_like(d), d),
                            delta)
