@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.fedprox = ml_collections.ConfigDict({
       "mu": 0.0, "straggler_fraction": 0.0, "straggler_min_steps": 1,
       "drop_stragglers": False})
+  # SCAFFOLD (algorithm="scaffold"): client.optimizer must be sgd.
+  config.scaffold = ml_collections.ConfigDict({"option": "II"})
   return config
 
 

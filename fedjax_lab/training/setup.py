@@ -8,7 +8,8 @@ with ``--config.KEY=VALUE``):
   ``"vmap+scan"``), ``shard_clients``.
 * ``algorithm``: ``fedavg`` | ``fedopt`` | ``fedsgd`` | ``fedprox`` (with a
   ``fedprox`` block: ``mu``, ``straggler_fraction``, ``straggler_min_steps``,
-  ``drop_stragglers``); ``weighting``:
+  ``drop_stragglers``) | ``scaffold`` (``scaffold.option`` I or II; local
+  steps are plain SGD at ``client.learning_rate``); ``weighting``:
   ``num_examples`` | ``uniform``.
 * ``sampling``: ``fixed`` (``cohort_size`` clients without replacement) or
   ``poisson`` (each client with probability ``sampling_rate``).
@@ -33,6 +34,7 @@ from fedjax_lab import models
 from fedjax_lab.algorithms import base as alg_base
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.algorithms import fedprox
+from fedjax_lab.algorithms import scaffold
 from fedjax_lab.algorithms.optimizers import build_optimizer
 from fedjax_lab.data import sampling
 from fedjax_lab.data.federated import FederatedDataset
@@ -41,7 +43,7 @@ from fedjax_lab.engine.strategy import Strategy, parse_strategy
 from fedjax_lab.privacy import accounting
 from fedjax_lab.privacy import plan as privacy_plan
 
-ALGORITHMS = ("fedavg", "fedopt", "fedsgd", "fedprox")
+ALGORITHMS = ("fedavg", "fedopt", "fedsgd", "fedprox", "scaffold")
 SAMPLING_KINDS = ("fixed", "poisson", "shuffle")
 MODEL_FAMILIES = {"cnn": "conv", "char_lstm": "recurrent"}
 
@@ -100,6 +102,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{config.sampling_rate}; set --config.sampling_rate.")
   if config.client.batch_size < 1 or config.client.num_epochs < 1:
     raise ConfigError("client.batch_size and client.num_epochs must be >= 1.")
+  if config.algorithm == "scaffold" and config.client.optimizer != "sgd":
+    raise ConfigError(
+        "algorithm='scaffold' corrects plain SGD local steps; set "
+        f"client.optimizer='sgd', not {config.client.optimizer!r}.")
   mechanism = config.get("privacy", {}).get("mechanism", "none")
   if mechanism != "none" and config.weighting != "uniform":
     raise ConfigError(
@@ -121,7 +127,8 @@ def build_model(config, dataset: FederatedDataset) -> models.Model:
 
 
 def build_algorithm(config, model,
-                    privacy: privacy_plan.PrivacyPlan | None = None
+                    privacy: privacy_plan.PrivacyPlan | None = None,
+                    num_clients: int | None = None
                     ) -> alg_base.FederatedAlgorithm:
   """FedAvg / FedOpt / FedSGD with the configured optimizers (and DP)."""
   client_opt = build_optimizer(config.client.optimizer,
@@ -144,6 +151,14 @@ def build_algorithm(config, model,
     algorithm = fedavg.fedsgd(model, server_opt, weighting=config.weighting,
                               aggregator=aggregator)
     return dataclasses.replace(algorithm, name=name)
+  if config.algorithm == "scaffold":
+    algorithm = scaffold.scaffold(
+        model, config.client.learning_rate, server_opt,
+        option=config.get("scaffold", {}).get("option", "II"),
+        weighting=config.weighting, aggregator=aggregator,
+        num_clients=num_clients)
+    return dataclasses.replace(  # keeps the option: scaffold_I / scaffold_II
+        algorithm, name=name.replace("scaffold", algorithm.name))
   if config.algorithm == "fedprox":
     prox = config.get("fedprox", {})
     algorithm = fedprox.fedprox(
@@ -183,7 +198,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         f"{num_clients} training clients; lower --config.cohort_size.")
   privacy = build_privacy(config, num_clients)
   model = build_model(config, dataset)
-  algorithm = build_algorithm(config, model, privacy)
+  algorithm = build_algorithm(config, model, privacy, num_clients)
   if config.sampling != "poisson":
     sampler = sampling.make_sampler(config.sampling, num_clients,
                                     cohort_size=config.cohort_size,
