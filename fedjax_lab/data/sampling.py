@@ -130,7 +130,7 @@ class PoissonSampler:
             f"sampling_rate={self.sampling_rate}, seed={self.seed})")
 
 
-class ShuffledSampler:
+class ShuffledSampler(UniformSampler):
   """Epochs of shuffled, disjoint cohorts: each client at most once per epoch.
 
   Rounds are grouped in epochs of ``rounds_per_epoch = num_clients //
@@ -156,13 +156,7 @@ class ShuffledSampler:
   kind = "shuffle"
 
   def __init__(self, num_clients: int, cohort_size: int, seed: int):
-    self.num_clients = check_int("num_clients", num_clients, 1)
-    self.cohort_size = check_int("cohort_size", cohort_size, 1)
-    self.seed = check_int("seed", seed, 0)
-    if self.cohort_size > self.num_clients:
-      raise ValueError(
-          f"cohort_size ({self.cohort_size}) cannot exceed num_clients "
-          f"({self.num_clients}) when sampling without replacement.")
+    super().__init__(num_clients, cohort_size, seed)  # same argument checks
     self.rounds_per_epoch = self.num_clients // self.cohort_size
 
   def epoch(self, round_index: int) -> int:
