@@ -24,12 +24,9 @@ import jax.numpy as jnp
 from fedjax_lab.algorithms import base
 from fedjax_lab.privacy.clipping import clip_to_norm
 from fedjax_lab.privacy.clipping import global_norm
+from fedjax_lab.privacy.clipping import num_parameters
 
 PyTree = base.PyTree
-
-
-def _num_params(tree: PyTree) -> int:
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
 def add_gaussian_noise(tree: PyTree, noise_std: jax.Array | float,
@@ -130,7 +127,7 @@ def _noise_metrics(clipped_sum, noise_std, denominator):
   }
   if not isinstance(noise_std, (int, float)) or noise_std > 0:
     expected_noise_norm = noise_std * math.sqrt(
-        max(_num_params(clipped_sum), 1))
+        max(num_parameters(clipped_sum), 1))
     metrics["signal_to_noise"] = signal / jnp.maximum(expected_noise_norm,
                                                        1e-30)
   return metrics

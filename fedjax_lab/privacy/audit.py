@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.privacy import canaries as canaries_lib
+from fedjax_lab.privacy import clipping
 from fedjax_lab.privacy import empirical_epsilon as epsilon_lib
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def audit_report(initial_params: PyTree, final_params: PyTree,
   model_delta = jax.tree.map(
       lambda a, b: jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32),
       final_params, initial_params)
-  d = canaries_lib.num_parameters(model_delta)
+  d = clipping.num_parameters(model_delta)
   cosines = canaries_lib.canary_cosines(
       model_delta, np.concatenate([canaries.inserted_ids,
                                    canaries.held_out_ids]), canaries.seed)
@@ -138,9 +139,7 @@ def audit_report(initial_params: PyTree, final_params: PyTree,
       "inserted_cosine": _describe(inserted),
       "held_out_cosine": _describe(held_out),
       "null_cosine_std": 1.0 / math.sqrt(d),
-      "final_delta_norm": float(jnp.sqrt(sum(
-          jnp.sum(jnp.square(leaf))
-          for leaf in jax.tree.leaves(model_delta)))),
+      "final_delta_norm": float(clipping.global_norm(model_delta)),
   }
   # The estimator's floor: the same fit on k never-inserted cosines (no
   # signal at all) against the theoretical null. The sample std of k cosines

@@ -43,6 +43,8 @@ import numpy as np
 from fedjax_lab.algorithms import base
 from fedjax_lab.data import sampling
 from fedjax_lab.data.federated import ClientStore, FederatedDataset
+from fedjax_lab.privacy import clipping
+from fedjax_lab.privacy import plan as plan_lib
 
 if TYPE_CHECKING:
   from fedjax_lab.training.setup import Experiment
@@ -92,11 +94,6 @@ def canary_direction(like: PyTree, canary_index: int | jax.Array,
       part.reshape(jnp.shape(leaf)) for part, leaf in zip(parts, leaves)])
 
 
-def num_parameters(tree: PyTree) -> int:
-  """``d``: the total number of scalars in a pytree."""
-  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
-
-
 @functools.partial(jax.jit, static_argnums=(2,))
 def _canary_dots(tree: PyTree, ids: jax.Array, seed: int) -> jax.Array:
   """``<u_i, tree>`` for a chunk of canary ids (compiled once per shape)."""
@@ -118,8 +115,7 @@ def canary_cosines(delta: PyTree, canary_ids: Sequence[int],
   if len(ids) == 0:
     return np.zeros([0], np.float64)
   delta = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), delta)
-  delta_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(leaf))
-                                  for leaf in jax.tree.leaves(delta))))
+  delta_norm = float(clipping.global_norm(delta))
   if delta_norm == 0.0:
     raise ValueError("the model did not move (||theta_T - theta_0|| = 0); "
                      "cosines are undefined.")
@@ -301,7 +297,7 @@ def resolve_delta(experiment: Experiment,
   privacy = _privacy_block(experiment.config)
   if privacy is not None and privacy.get("delta"):
     return float(privacy.get("delta"))
-  return 1.0 / experiment.dataset.train.num_clients**1.1
+  return plan_lib.default_delta(experiment.dataset.train.num_clients)
 
 
 def add_canaries(experiment: Experiment, num_canaries: int,

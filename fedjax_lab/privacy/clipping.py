@@ -1,4 +1,4 @@
-"""L2 clipping of a whole update pytree (one norm over every leaf)."""
+"""L2 clipping of a whole update pytree (one norm over every leaf), and its size."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
+
+
+def num_parameters(tree: PyTree) -> int:
+  """``d``: the total number of scalars in all leaves of ``tree``."""
+  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
 
 
 def global_norm(tree: PyTree) -> jax.Array:

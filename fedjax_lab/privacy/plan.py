@@ -119,6 +119,11 @@ class PrivacyPlan:
     return out
 
 
+def default_delta(population: int) -> float:
+  """delta when the config leaves it at 0: ``1 / population**1.1``."""
+  return 1.0 / population**1.1
+
+
 def _population_and_cohort(privacy, *, sampling, num_clients, cohort_size,
                            sampling_rate):
   population = int(privacy.get("accounting_population", 0) or num_clients)
@@ -174,7 +179,7 @@ def build_plan(privacy: Any, *, sampling: str, num_clients: int,
       cohort_size=accounted_cohort, mechanism=_ACCOUNTED_AS[mechanism],
       accountant=privacy.get("accountant", "rdp"),
       rounds_per_tree=int(privacy.get("ftrl", {}).get("rounds_per_tree", 0)))
-  delta = float(privacy.get("delta", 0.0)) or 1.0 / population**1.1
+  delta = float(privacy.get("delta", 0.0)) or default_delta(population)
   if not 0 < delta < 1.0 / population:
     raise accounting.PrivacyError(
         f"privacy.delta={delta:g} must be in (0, 1/population) = (0, "

@@ -54,7 +54,7 @@ def noisy_sum(clip_norm, noise_multiplier, expected_cohort_size):
 def test_canary_directions_unit_norm_deterministic_distinct():
   like = {"w": jnp.zeros([7, 5]), "b": jnp.zeros([5]),
           "inner": {"k": jnp.zeros([3, 2, 2])}}
-  d = canaries_lib.num_parameters(like)
+  d = clipping.num_parameters(like)
   assert d == 52
   vectors = []
   traced_direction = jax.jit(
