@@ -42,6 +42,11 @@ RoundFn = Callable[..., tuple[base.ServerState, PyTree, dict[str, jax.Array]]]
 _AGGREGATOR_RNG_TAG = 2**31 - 1
 
 
+def _client_rngs(round_rng: jax.Array, client_indices: jax.Array) -> jax.Array:
+  """Each client's key: ``fold_in(round_rng, client_index)``."""
+  return jax.vmap(lambda i: jax.random.fold_in(round_rng, i))(client_indices)
+
+
 def cohort_arrays(cohort) -> dict[str, Any]:
   """The engine's view of a ``data.cohort.CohortBatch`` (numpy, host side)."""
   return {
@@ -118,7 +123,7 @@ def _group_fn(algorithm, step_loop: str, max_unroll_steps: int):
       return jax.lax.cond(jnp.any(step_mask > 0), step, lambda c, b, m: c,
                           carry, batch, step_mask)
 
-    rngs = jax.vmap(lambda i: jax.random.fold_in(round_rng, i))(client_indices)
+    rngs = _client_rngs(round_rng, client_indices)
     carry = _over_group(algorithm.client_init, (None, 0, 0), group_size)(
         broadcast, client_states, rngs)
 
@@ -204,8 +209,6 @@ def _pad_clients(tree, multiple: int):
     pad = [(0, extra)] + [(0, 0)] * (a.ndim - 1)
     return jnp.pad(a, pad, constant_values=fill)
   return jax.tree.map(f, tree)
-
-
 
 
 def _finish_round(algorithm, server_state, agg_state, sums, num_clients, rng):
@@ -317,7 +320,7 @@ def _build_host_loop_round(algorithm, donate, trace_counter, shard):
     trace_counter[0] += 1
     round_rng = jax.random.fold_in(rng, server_state.round)
     broadcast = algorithm.broadcast(server_state)
-    rngs = jax.vmap(lambda i: jax.random.fold_in(round_rng, i))(client_indices)
+    rngs = _client_rngs(round_rng, client_indices)
     return jax.vmap(algorithm.client_init, in_axes=(None, 0, 0))(
         broadcast, client_states, shard(rngs))
 
@@ -328,8 +331,7 @@ def _build_host_loop_round(algorithm, donate, trace_counter, shard):
     round_rng = jax.random.fold_in(rng, server_state.round)
     broadcast = algorithm.broadcast(server_state)
     agg_state = server_state.aggregator_state
-    rngs = jax.vmap(lambda i: jax.random.fold_in(round_rng, i))(
-        cohort["client_indices"])
+    rngs = _client_rngs(round_rng, cohort["client_indices"])
     outputs = jax.vmap(
         lambda c, n, r: _finish_client(algorithm, broadcast, agg_state, c, n,
                                        r))(carry, cohort["num_examples"], rngs)

@@ -121,6 +121,7 @@ def run_experiment(exp: Experiment, workdir: str,
     import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm.tqdm(total=config.num_rounds, desc=exp.algorithm.name,
                          file=sys.stderr, dynamic_ncols=True)
+
   def over_budget(rounds: int) -> str | None:
     """Why running ``rounds`` rounds would exceed the budget (None if not)."""
     if (accountant is None or not privacy.target_epsilon or
@@ -139,8 +140,7 @@ def run_experiment(exp: Experiment, workdir: str,
   try:
     with Prefetcher(produce, range(config.num_rounds)) as prefetcher:
       for round_index, cohort in prefetcher:
-        if round_index == 0 and over_budget(1):
-          stopped_early = over_budget(1)
+        if round_index == 0 and (stopped_early := over_budget(1)):
           break
         round_start = time.perf_counter()
         gathered = round_lib.gather_client_states(client_states,
@@ -201,6 +201,8 @@ def run_experiment(exp: Experiment, workdir: str,
       progress.close()
     writer.close()
 
+  if not last_eval:  # no round ran (e.g. the budget did not allow one)
+    last_eval = evaluate(server_state.params, eval_features, eval_mask)
   summary = {
       "final_eval_accuracy": last_eval.get("accuracy"),
       "final_eval_loss": last_eval.get("loss"),
@@ -221,10 +223,6 @@ def run_experiment(exp: Experiment, workdir: str,
     summary["epsilon"] = accountant.epsilon(rounds_done)
     summary["delta"] = privacy.delta
     summary["privacy"] = privacy.describe()
-  if rounds_done == 0:
-    last_eval = evaluate(server_state.params, eval_features, eval_mask)
-    summary.update(final_eval_accuracy=last_eval.get("accuracy"),
-                   final_eval_loss=last_eval.get("loss"))
   checkpoint.save_pytree(os.path.join(workdir, FINAL_STATE_FILE), server_state)
   metrics_io.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
