@@ -34,6 +34,7 @@ import optax
 from fedjax_lab.algorithms import base
 from fedjax_lab.privacy import accounting
 from fedjax_lab.privacy import aggregators
+from fedjax_lab.privacy import tree
 
 MECHANISMS = ("none", "gaussian", "adaptive", "tree", "local")
 _ACCOUNTED_AS = {"gaussian": "gaussian", "adaptive": "gaussian",
@@ -87,7 +88,6 @@ class PrivacyPlan:
       # Large-cohort simulation: say in every line which cohort the noise
       # and epsilon are for.
       return {"accounted_cohort_size": self.noise_cohort_size}
-    from fedjax_lab.privacy import tree  # pylint: disable=g-import-not-at-top
     period = self.spec.rounds_per_tree or self.spec.rounds_per_epoch
     step = round_index % period + 1
     node_std = self.noise_multiplier * self.clip_norm / (
@@ -235,7 +235,6 @@ def build_aggregator(plan: PrivacyPlan) -> base.Aggregator:
 def build_ftrl_server_optimizer(plan: PrivacyPlan, learning_rate: float,
                                 seed: int) -> optax.GradientTransformation:
   """DP-FTRL's server optimizer for ``plan`` (mechanism ``"tree"``)."""
-  from fedjax_lab.privacy import tree  # pylint: disable=g-import-not-at-top
   ftrl = plan.settings.get("ftrl", {})
   return tree.dp_ftrl(
       learning_rate=learning_rate,

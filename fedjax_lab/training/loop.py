@@ -21,6 +21,7 @@ from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data.prefetch import Prefetcher
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.evaluate import build_evaluator
+from fedjax_lab.privacy import accounting
 from fedjax_lab.training import checkpoint
 from fedjax_lab.training import metrics_io
 from fedjax_lab.training.setup import Experiment, describe_devices
@@ -97,7 +98,6 @@ def run_experiment(exp: Experiment, workdir: str,
   privacy = exp.privacy
   accountant = None
   if privacy is not None:
-    from fedjax_lab.privacy import accounting  # pylint: disable=g-import-not-at-top
     accountant = accounting.RoundAccountant(privacy.spec, privacy.delta)
 
   def produce(round_index: int):

@@ -130,7 +130,10 @@ def build_algorithm(config, model,
                     privacy: privacy_plan.PrivacyPlan | None = None,
                     num_clients: int | None = None
                     ) -> alg_base.FederatedAlgorithm:
-  """FedAvg / FedOpt / FedSGD with the configured optimizers (and DP)."""
+  """FedAvg / FedOpt / FedSGD / FedProx / SCAFFOLD, optimizers and DP.
+
+  ``num_clients`` (the population) is needed by SCAFFOLD's server update.
+  """
   client_opt = build_optimizer(config.client.optimizer,
                                config.client.learning_rate,
                                config.client.get("hparams", {}))
