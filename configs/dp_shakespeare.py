@@ -16,21 +16,15 @@ Shakespeare setup (char-LSTM, 1 local epoch, batch 4, client lr 1) and:
 """
 
 from configs import common
+from configs import shakespeare_fedavg
 
 
 def get_config(mode: str = ""):
-  config = common.base_config()
+  config = shakespeare_fedavg.get_config()  # model, data, client, server
   config.num_rounds = 300
   config.weighting = "uniform"
   config.sampling = "poisson"
   config.sampling_rate = 10 / 1154
-  config.eval_every = 50
-  config.eval_max_examples = 4096
-  config.data.update({"name": "shakespeare", "sequence_length": 80})
-  config.model.name = "char_lstm"
-  config.client.update({"optimizer": "sgd", "learning_rate": 1.0,
-                        "num_epochs": 1, "batch_size": 4})
-  config.server.update({"optimizer": "sgd", "learning_rate": 1.0})
   config.privacy.update({"mechanism": "adaptive", "clip_norm": 0.5,
                          "target_epsilon": 8.0, "calibrate": True,
                          "noise_cohort_size": 100})
