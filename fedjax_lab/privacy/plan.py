@@ -50,7 +50,6 @@ class PrivacyPlan:
     spec: what the accountant composes every round.
     delta: the delta epsilon is reported at.
     clip_norm: the (initial) L2 clip norm C.
-    noise_multiplier: z, accounted noise std / C (after calibration).
     calibrated: whether ``noise_multiplier`` was found by calibration.
     target_epsilon: 0, or the budget training must stay within.
     simulated_cohort_size: expected number of clients really trained.
@@ -61,11 +60,15 @@ class PrivacyPlan:
   spec: accounting.AccountingSpec
   delta: float
   clip_norm: float
-  noise_multiplier: float
   calibrated: bool
   target_epsilon: float
   simulated_cohort_size: float
   settings: Any
+
+  @property
+  def noise_multiplier(self) -> float:
+    """z, the accounted noise std / C (after calibration): the spec's."""
+    return self.spec.noise_multiplier
 
   @property
   def noise_cohort_size(self) -> float:
@@ -203,7 +206,6 @@ def build_plan(privacy: Any, *, sampling: str, num_clients: int,
         "or privacy.calibrate=True.")
   return PrivacyPlan(mechanism=mechanism, spec=spec, delta=delta,
                      clip_norm=clip_norm,
-                     noise_multiplier=spec.noise_multiplier,
                      calibrated=calibrated, target_epsilon=target,
                      simulated_cohort_size=simulated, settings=privacy)
 
