@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every = 10
   config.eval_batch_size = 256
   config.eval_max_examples = 0
+  config.eval_train_split = False  # also evaluate on the training examples
   config.strategy = "auto"
   config.shard_clients = True
   config.data = ml_collections.ConfigDict({"name": ""})

@@ -91,6 +91,13 @@ def run_experiment(exp: Experiment, workdir: str,
   eval_features, eval_mask = cohort_lib.make_eval_batches(
       exp.dataset.test, config.eval_batch_size,
       max_examples=config.get("eval_max_examples", 0) or None)
+  train_eval_batches = None
+  if config.get("eval_train_split", False):
+    # The global model on the clients' training examples (the training loss
+    # FedProx and most optimisation papers plot), on the same schedule.
+    train_eval_batches = cohort_lib.make_eval_batches(
+        train, config.eval_batch_size,
+        max_examples=config.get("eval_max_examples", 0) or None)
 
   client = config.client
   fixed_cohort_size = (config.cohort_size if config.sampling != "poisson"
@@ -179,6 +186,9 @@ def run_experiment(exp: Experiment, workdir: str,
                        (round_index + 1) % config.eval_every == 0):
           last_eval = evaluate(server_state.params, eval_features, eval_mask)
           record.update({f"eval_{k}": v for k, v in last_eval.items()})
+          if train_eval_batches is not None:
+            record.update({f"train_eval_{k}": v for k, v in evaluate(
+                server_state.params, *train_eval_batches).items()})
         writer.write(record)
         rounds_done = round_index + 1
         if progress is not None:

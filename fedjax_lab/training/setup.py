@@ -4,7 +4,8 @@ The config schema (``configs/*.py`` return it; every key can be overridden
 with ``--config.KEY=VALUE``):
 
 * ``seed``, ``num_rounds``, ``eval_every``, ``eval_batch_size``,
-  ``eval_max_examples`` (0 = all), ``strategy`` (``"auto"`` or e.g.
+  ``eval_max_examples`` (0 = all), ``eval_train_split`` (also evaluate the
+  global model on the training examples: ``train_eval_*`` keys), ``strategy`` (``"auto"`` or e.g.
   ``"vmap+scan"``), ``shard_clients``.
 * ``algorithm``: ``fedavg`` | ``fedopt`` | ``fedsgd`` | ``fedprox`` (with a
   ``fedprox`` block: ``mu``, ``straggler_fraction``, ``straggler_min_steps``,

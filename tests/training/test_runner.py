@@ -151,3 +151,18 @@ def test_existing_run_is_never_overwritten(tmp_path):
     loop.run_experiment(setup.build_experiment(config), str(tmp_path),
                         show_progress=False)
   assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_train_split_evaluation_is_recorded_on_eval_rounds(tmp_path):
+  config = _load_config("synthetic_logreg_fedavg")
+  config.num_rounds = 4
+  config.eval_every = 2
+  config.eval_train_split = True
+  loop.run_experiment(setup.build_experiment(config), str(tmp_path),
+                      show_progress=False)
+  records = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  with_train = [r["round"] for r in records if "train_eval_loss" in r]
+  assert with_train == [2, 4]
+  # The training examples are not the test examples: the numbers differ.
+  assert records[-1]["train_eval_loss"] != records[-1]["eval_loss"]
+  assert 0.0 <= records[-1]["train_eval_accuracy"] <= 1.0
