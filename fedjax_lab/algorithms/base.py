@@ -17,7 +17,11 @@ round into one function:
   persistent state (SCAFFOLD control variates) and per-client metrics.
 * ``aggregator``: an :class:`Aggregator` (per-client transform, e.g. clipping;
   then a finalize step on the weighted sum, e.g. adding noise).
-* ``server_update(server_state, aggregate) -> (server_state, metrics)``.
+* ``server_update(server_state, aggregate) -> (server_state, metrics)``; with
+  ``server_update_uses_client_metrics`` it also receives the round's client
+  metrics averaged over the real clients (e.g. ``{"train_loss": ...}``) as a
+  third argument. Those averages are not privatised by the aggregator: a DP
+  run must not feed them into the model (adaptive FedProx is refused with DP).
 * ``client_state_init(params) -> state`` for one client (``()`` when the
   algorithm keeps no per-client state).
 """
@@ -118,3 +122,4 @@ class FederatedAlgorithm:
   aggregator: Aggregator
   server_update: Callable[[ServerState, PyTree], tuple[ServerState, Metrics]]
   client_state_init: Callable[[PyTree], PyTree] = lambda params: ()
+  server_update_uses_client_metrics: bool = False

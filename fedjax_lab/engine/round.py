@@ -217,9 +217,13 @@ def _finish_round(algorithm, server_state, agg_state, sums, num_clients, rng):
       weighted_sum, total_weight, num_clients, agg_state,
       jax.random.fold_in(rng, _AGGREGATOR_RNG_TAG))
   server_state = server_state._replace(aggregator_state=agg_state)
-  server_state, server_metrics = algorithm.server_update(server_state,
-                                                         aggregate)
   metrics = {k: v / jnp.maximum(n, 1e-12) for k, (v, n) in metric_sums.items()}
+  if algorithm.server_update_uses_client_metrics:
+    server_state, server_metrics = algorithm.server_update(
+        server_state, aggregate, dict(metrics))
+  else:
+    server_state, server_metrics = algorithm.server_update(server_state,
+                                                           aggregate)
   metrics.update({k: v / jnp.maximum(num_clients, 1.0)
                   for k, v in transform_sums.items()})
   metrics.update(agg_metrics)
