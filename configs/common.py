@@ -29,9 +29,12 @@ def base_config() -> ml_collections.ConfigDict:
       "optimizer": "sgd", "learning_rate": 1.0, "hparams": {}})
   config.privacy = privacy_defaults()
   # FedProx (algorithm="fedprox"): proximal weight and systems heterogeneity.
+  # adaptive_mu: Li et al.'s Appendix C.3.3 rule (mu starts at ``mu``, moves
+  # by adaptive_step, lowered after adaptive_decrease_after falling losses).
   config.fedprox = ml_collections.ConfigDict({
       "mu": 0.0, "straggler_fraction": 0.0, "straggler_min_steps": 1,
-      "drop_stragglers": False})
+      "drop_stragglers": False, "adaptive_mu": False, "adaptive_step": 0.1,
+      "adaptive_decrease_after": 5, "adaptive_max_mu": 1.0})
   # SCAFFOLD (algorithm="scaffold"): client.optimizer must be sgd.
   config.scaffold = ml_collections.ConfigDict({"option": "II"})
   return config

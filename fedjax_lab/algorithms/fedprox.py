@@ -31,10 +31,14 @@ as if the later steps were skipped. A selected client with
 not count as a straggler. The engine makes padded (all-masked) steps no-ops,
 so they neither count as steps nor touch the copy.
 
-``mu`` is fixed. The paper's adaptive-``mu`` heuristic (raise ``mu`` when the
-round's training loss goes up, lower it after several rounds of decrease)
-needs the round's average training loss in ``server_update``, which only
-receives the aggregate of the client deltas.
+Adaptive ``mu`` (paper Appendix C.3.3; pfl-research's ``AdaptMuOnMetricCallback``
+implements the same rule): after every round the server compares the
+round's mean client training loss with the previous round's; a rise adds
+``step_size`` to ``mu``, and ``decrease_after`` consecutive decreases
+subtract ``step_size`` (then the count restarts), ``mu`` kept in
+``[min_mu, max_mu]``. ``mu`` then lives in the server state and is broadcast.
+The rule reads the clients' un-noised training loss, so it is not a DP
+release: configs refuse it together with a privacy mechanism.
 """
 
 from __future__ import annotations
@@ -90,12 +94,71 @@ class ProxCarry(NamedTuple):
     global_params: the broadcast model ``w_t`` the proximal term pulls to.
     num_steps: local steps taken (steps with at least one real example).
     straggler: a :class:`StragglerCarry`, or ``()`` without stragglers.
+    mu: this round's proximal coefficient.
   """
 
   local: fedavg.LocalCarry
   global_params: base.PyTree
   num_steps: jax.Array
   straggler: StragglerCarry | tuple
+  mu: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveMu:
+  """The adaptive-``mu`` rule of Li et al. 2020, Appendix C.3.3.
+
+  Attributes:
+    step_size: how much ``mu`` moves per adjustment (paper: 0.1).
+    decrease_after: consecutive rounds of decreasing training loss before
+      ``mu`` is lowered (paper: 5).
+    min_mu: lower bound of ``mu``.
+    max_mu: upper bound of ``mu`` (pfl-research caps at 1).
+  """
+
+  step_size: float = 0.1
+  decrease_after: int = 5
+  min_mu: float = 0.0
+  max_mu: float = 1.0
+
+  def __post_init__(self):
+    if self.step_size <= 0:
+      raise ValueError(f"step_size must be > 0, got {self.step_size}.")
+    if self.decrease_after < 1:
+      raise ValueError(
+          f"decrease_after must be >= 1, got {self.decrease_after}.")
+    if not 0 <= self.min_mu <= self.max_mu:
+      raise ValueError("need 0 <= min_mu <= max_mu, got "
+                       f"{self.min_mu}, {self.max_mu}.")
+
+
+class AdaptiveMuState(NamedTuple):
+  """Server-side state of the adaptive-``mu`` rule (in ``ServerState.extra``).
+
+  Attributes:
+    mu: the proximal coefficient broadcast next round.
+    previous_loss: last round's mean client training loss (inf before any).
+    decreases: consecutive rounds whose loss went down since the last change.
+  """
+
+  mu: jax.Array
+  previous_loss: jax.Array
+  decreases: jax.Array
+
+
+def adapt_mu(rule: AdaptiveMu, state: AdaptiveMuState,
+             train_loss: jax.Array) -> AdaptiveMuState:
+  """One step of the adaptive-``mu`` rule given this round's training loss."""
+  went_down = train_loss < state.previous_loss
+  decreases = jnp.where(went_down, state.decreases + 1, 0)
+  lower = went_down & (decreases >= rule.decrease_after)
+  mu = jnp.where(went_down,
+                 jnp.where(lower, state.mu - rule.step_size, state.mu),
+                 state.mu + rule.step_size)
+  return AdaptiveMuState(
+      mu=jnp.clip(mu, rule.min_mu, rule.max_mu).astype(jnp.float32),
+      previous_loss=train_loss.astype(jnp.float32),
+      decreases=jnp.where(lower, 0, decreases).astype(jnp.int32))
 
 
 def _where(cond: jax.Array, new: base.PyTree, old: base.PyTree) -> base.PyTree:
@@ -110,7 +173,8 @@ def fedprox(model: model_base.Model,
             aggregator: base.Aggregator | None = None,
             straggler_fraction: float = 0.0,
             straggler_min_steps: int = 1,
-            drop_stragglers: bool = False) -> base.FederatedAlgorithm:
+            drop_stragglers: bool = False,
+            adaptive_mu: AdaptiveMu | None = None) -> base.FederatedAlgorithm:
   """FedProx (Li et al., MLSys 2020): proximal local objective, stragglers.
 
   Args:
@@ -130,11 +194,14 @@ def fedprox(model: model_base.Model,
       (FedAvg's treatment in the paper) instead of aggregating their partial
       work. The zero delta keeps them out of aggregators that reset weights
       (e.g. DP ones).
+    adaptive_mu: adapt ``mu`` (starting from ``mu``) with this rule after
+      every round; ``None`` keeps ``mu`` fixed.
 
   Returns:
     The algorithm. Client metrics: ``train_loss`` (over the steps actually
     taken), ``straggler`` (fraction of clients whose work was cut) and
-    ``local_steps`` (mean local steps actually taken).
+    ``local_steps`` (mean local steps actually taken); with ``adaptive_mu``
+    the server metric ``mu`` (the value for the next round).
   """
   if mu < 0:
     raise ValueError(f"mu must be >= 0, got {mu}.")
@@ -149,8 +216,32 @@ def fedprox(model: model_base.Model,
   server_side = fedavg.fedopt(model, client_optimizer, server_optimizer,
                               weighting, aggregator, name="fedprox")
 
-  def client_init(global_params, client_state, rng):
+  if adaptive_mu is None:
+    broadcast = server_side.broadcast
+    split_broadcast = lambda b: (b, mu)
+  else:
+    broadcast = lambda state: (state.params, state.extra.mu)
+    split_broadcast = lambda b: b
+
+  def server_init(params):
+    state = server_side.server_init(params)
+    if adaptive_mu is None:
+      return state
+    return state._replace(extra=AdaptiveMuState(
+        mu=jnp.asarray(mu, jnp.float32),
+        previous_loss=jnp.asarray(jnp.inf, jnp.float32),
+        decreases=jnp.zeros([], jnp.int32)))
+
+  def server_update(state, aggregate, client_metrics=None):
+    new_state, metrics = server_side.server_update(state, aggregate)
+    if adaptive_mu is None:
+      return new_state, metrics
+    extra = adapt_mu(adaptive_mu, state.extra, client_metrics["train_loss"])
+    return new_state._replace(extra=extra), {**metrics, "mu": extra.mu}
+
+  def client_init(broadcast_value, client_state, rng):
     del client_state
+    global_params, round_mu = split_broadcast(broadcast_value)
     zero = jnp.zeros([], jnp.float32)
     no_steps = jnp.zeros([], jnp.int32)
     local = fedavg.LocalCarry(global_params,
@@ -165,7 +256,8 @@ def fedprox(model: model_base.Model,
           rng=reservoir_rng,
           snapshot=Snapshot(global_params, zero, zero, no_steps),
           has_snapshot=jnp.zeros([], bool))
-    return ProxCarry(local, global_params, no_steps, straggler)
+    return ProxCarry(local, global_params, no_steps, straggler,
+                     jnp.asarray(round_mu, jnp.float32))
 
   def offer_snapshot(carry):
     """Reservoir step: the state before this step may become the cut point."""
@@ -184,8 +276,8 @@ def fedprox(model: model_base.Model,
     rng, step_rng = jax.random.split(local.rng)
     grads, loss_sum, weight_sum = fedavg.masked_loss_and_grad(
         model, local.params, batch, mask, step_rng)
-    if mu:
-      grads = jax.tree.map(lambda g, w, w0: g + mu * (w - w0), grads,
+    if mu or adaptive_mu is not None:  # static: mu = 0 is FedAvg exactly
+      grads = jax.tree.map(lambda g, w, w0: g + carry.mu * (w - w0), grads,
                            local.params, carry.global_params)
     updates, opt_state = client_optimizer.update(grads, local.opt_state,
                                                  local.params)
@@ -193,9 +285,10 @@ def fedprox(model: model_base.Model,
     local = fedavg.LocalCarry(params, opt_state, rng, local.loss_sum + loss_sum,
                               local.loss_weight + weight_sum)
     return ProxCarry(local, carry.global_params, carry.num_steps + 1,
-                     straggler)
+                     straggler, carry.mu)
 
-  def client_final(global_params, carry, num_examples):
+  def client_final(broadcast_value, carry, num_examples):
+    global_params, _ = split_broadcast(broadcast_value)
     local = carry.local
     done = Snapshot(local.params, local.loss_sum, local.loss_weight,
                     carry.num_steps)
@@ -216,6 +309,8 @@ def fedprox(model: model_base.Model,
                  "straggler": (cut.astype(jnp.float32), one),
                  "local_steps": (done.num_steps.astype(jnp.float32), one)})
 
-  return dataclasses.replace(server_side, client_init=client_init,
-                             client_step=client_step,
-                             client_final=client_final)
+  return dataclasses.replace(
+      server_side, server_init=server_init, broadcast=broadcast,
+      client_init=client_init, client_step=client_step,
+      client_final=client_final, server_update=server_update,
+      server_update_uses_client_metrics=adaptive_mu is not None)

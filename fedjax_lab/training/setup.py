@@ -9,7 +9,8 @@ with ``--config.KEY=VALUE``):
   ``"vmap+scan"``), ``shard_clients``.
 * ``algorithm``: ``fedavg`` | ``fedopt`` | ``fedsgd`` | ``fedprox`` (with a
   ``fedprox`` block: ``mu``, ``straggler_fraction``, ``straggler_min_steps``,
-  ``drop_stragglers``) | ``scaffold`` (``scaffold.option`` I or II; local
+  ``drop_stragglers``, ``adaptive_mu`` with ``adaptive_step``,
+  ``adaptive_decrease_after``, ``adaptive_max_mu``) | ``scaffold`` (``scaffold.option`` I or II; local
   steps are plain SGD at ``client.learning_rate``); ``weighting``:
   ``num_examples`` | ``uniform``.
 * ``sampling``: ``fixed`` (``cohort_size`` clients without replacement) or
@@ -113,6 +114,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"privacy.mechanism={mechanism!r} sums clipped updates with weight 1 "
         "(per-client weights would change the sensitivity); set "
         "--config.weighting=uniform.")
+  if (mechanism != "none" and config.algorithm == "fedprox" and
+      config.get("fedprox", {}).get("adaptive_mu", False)):
+    raise ConfigError(
+        "fedprox.adaptive_mu reads the clients' un-noised training loss every "
+        "round, which no DP mechanism accounts for; set "
+        "--config.fedprox.adaptive_mu=False with "
+        f"privacy.mechanism={mechanism!r}.")
   if mechanism == "tree" and config.server.optimizer != "sgd":
     raise ConfigError(
         "privacy.mechanism='tree' makes DP-FTRL the server optimizer (with "
@@ -170,7 +178,12 @@ def build_algorithm(config, model,
         weighting=config.weighting, aggregator=aggregator,
         straggler_fraction=prox.get("straggler_fraction", 0.0),
         straggler_min_steps=prox.get("straggler_min_steps", 1),
-        drop_stragglers=prox.get("drop_stragglers", False))
+        drop_stragglers=prox.get("drop_stragglers", False),
+        adaptive_mu=fedprox.AdaptiveMu(
+            step_size=prox.get("adaptive_step", 0.1),
+            decrease_after=prox.get("adaptive_decrease_after", 5),
+            max_mu=prox.get("adaptive_max_mu", 1.0))
+        if prox.get("adaptive_mu", False) else None)
     return dataclasses.replace(algorithm, name=name)
   return fedavg.fedopt(model, client_opt, server_opt,
                        weighting=config.weighting, aggregator=aggregator,

@@ -268,3 +268,76 @@ def test_argument_checks(deterministic_model):
                     straggler_min_steps=0)
   with pytest.raises(ValueError, match="weighting"):
     fedprox.fedprox(deterministic_model, sgd, sgd, mu=0.1, weighting="size")
+
+
+def _rule_by_hand(rule, mu, losses):
+  """The Appendix C.3.3 rule in plain Python: mu after each round."""
+  previous, decreases, out = float("inf"), 0, []
+  for loss in losses:
+    if loss < previous:
+      decreases += 1
+      if decreases >= rule.decrease_after:
+        mu, decreases = mu - rule.step_size, 0
+    else:
+      decreases, mu = 0, mu + rule.step_size
+    mu = min(max(mu, rule.min_mu), rule.max_mu)
+    previous = loss
+    out.append(mu)
+  return out
+
+
+def test_adapt_mu_follows_the_paper_rule():
+  rule = fedprox.AdaptiveMu(step_size=0.1, decrease_after=3, max_mu=0.5)
+  losses = [2.0, 1.9, 1.8, 1.7, 1.75, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.0, 1.2,
+            1.3, 1.4, 1.5, 1.6, 1.7, 1.8]
+  state = fedprox.AdaptiveMuState(jnp.float32(0.1), jnp.float32(jnp.inf),
+                                  jnp.int32(0))
+  got = []
+  for loss in losses:
+    state = fedprox.adapt_mu(rule, state, jnp.float32(loss))
+    got.append(float(state.mu))
+  np.testing.assert_allclose(got, _rule_by_hand(rule, 0.1, losses), atol=1e-6)
+  assert max(got) == pytest.approx(0.5)  # capped at max_mu
+  assert min(got) == pytest.approx(0.0, abs=1e-6)  # and floored at min_mu
+
+
+def test_adaptive_mu_through_the_engine(tiny_model):
+  params = tiny_model.init(jax.random.key(0))
+  clients = make_clients(8)
+  cohort = build_cohort(clients, [0, 3, 4, 7], batch_size=3, pad_clients=1)
+  rule = fedprox.AdaptiveMu(step_size=0.25, decrease_after=2)
+  adaptive = fedprox.fedprox(tiny_model, optax.sgd(0.1), optax.sgd(1.0),
+                             mu=0.5, adaptive_mu=rule)
+  fixed = fedprox.fedprox(tiny_model, optax.sgd(0.1), optax.sgd(1.0), mu=0.5)
+  assert adaptive.server_update_uses_client_metrics
+  # Round 1 trains with the initial mu: identical to fixed mu.
+  state, metrics = _run(adaptive, params, cohort)
+  ref, _ = _run(fixed, params, cohort)
+  _assert_trees_close(state.params, ref.params, atol=1e-7)
+  # mu over rounds follows the rule applied to the rounds' train losses.
+  fn = _round_fn(adaptive, Strategy())
+  state = adaptive.server_init(params)
+  losses, mus = [], []
+  for _ in range(6):
+    state, _, metrics = fn(state, cohort, jnp.zeros([5]), RNG)
+    losses.append(float(metrics["train_loss"]))
+    mus.append(float(metrics["mu"]))
+  np.testing.assert_allclose(mus, _rule_by_hand(rule, 0.5, losses), atol=1e-6)
+  assert float(state.extra.mu) == pytest.approx(mus[-1])
+  # A changed mu is what the next round trains with: fixed mu at that value
+  # from the same state gives the same round.
+  pinned = fedprox.fedprox(tiny_model, optax.sgd(0.1), optax.sgd(1.0),
+                           mu=mus[-1])
+  next_adaptive, _, _ = fn(state, cohort, jnp.zeros([5]), RNG)
+  next_pinned, _, _ = _round_fn(pinned, Strategy())(
+      state._replace(extra=()), cohort, jnp.zeros([5]), RNG)
+  _assert_trees_close(next_adaptive.params, next_pinned.params, atol=1e-6)
+
+
+def test_adaptive_mu_rejects_bad_rules():
+  with pytest.raises(ValueError, match="step_size"):
+    fedprox.AdaptiveMu(step_size=0.0)
+  with pytest.raises(ValueError, match="decrease_after"):
+    fedprox.AdaptiveMu(decrease_after=0)
+  with pytest.raises(ValueError, match="min_mu"):
+    fedprox.AdaptiveMu(min_mu=2.0, max_mu=1.0)

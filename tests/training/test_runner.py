@@ -166,3 +166,21 @@ def test_train_split_evaluation_is_recorded_on_eval_rounds(tmp_path):
   # The training examples are not the test examples: the numbers differ.
   assert records[-1]["train_eval_loss"] != records[-1]["eval_loss"]
   assert 0.0 <= records[-1]["train_eval_accuracy"] <= 1.0
+
+
+def test_adaptive_fedprox_records_mu_and_refuses_dp(tmp_path):
+  config = _load_config("synthetic_fedprox")
+  config.num_rounds = 3
+  config.fedprox.adaptive_mu = True
+  config.fedprox.mu = 0.5
+  loop.run_experiment(setup.build_experiment(config), str(tmp_path),
+                      show_progress=False)
+  records = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert all(0.0 <= r["mu"] <= 1.0 for r in records)
+  # Round 1 has no previous loss to beat: mu stays at its start, unless
+  # decrease_after is 1 — with the default of 5 it cannot move down yet.
+  assert records[0]["mu"] == pytest.approx(0.5)
+  config.privacy.mechanism = "gaussian"
+  config.weighting = "uniform"
+  with pytest.raises(setup.ConfigError, match="adaptive_mu"):
+    setup.build_experiment(config)
