@@ -632,13 +632,16 @@ def _reading(report: dict[str, Any]) -> str:
   return "\n\n".join(parts)
 
 
-def write_outputs(report: dict[str, Any], out: str) -> tuple[str, str]:
-  """Writes ``<out>.json`` and ``<out>.md``; returns their paths."""
+def write_outputs(report: dict[str, Any], out: str,
+                  render: Callable[[dict[str, Any]], str] | None = None
+                  ) -> tuple[str, str]:
+  """Writes ``<out>.json`` and ``<out>.md`` (``render``, default this
+  benchmark's tables); returns their paths."""
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out + ".json", "w") as f:
     json.dump(report, f, indent=1)
   with open(out + ".md", "w") as f:
-    f.write(render_markdown(report))
+    f.write((render or render_markdown)(report))
   return out + ".json", out + ".md"
 
 

@@ -1,0 +1,257 @@
+r"""Round time of every federated algorithm, as a ratio to FedAvg's.
+
+  python -m experiments.bench_algorithms [--workloads=w1,w2] [--rounds=5] \
+      [--repeats=3] [--variants=...] [--quick] \
+      [--out=experiments/results/bench_algorithms_<backend>]
+
+For the workloads of ``experiments/bench.py`` (W1 EMNIST-sized CNN, cohort
+50; W2 logistic regression on Synthetic(1,1), cohort 10, 20 local epochs),
+with the backend's default strategy for the model family, the same cohorts
+are run by each algorithm of ``fedjax_lab.algorithms`` at the workload's
+client learning rate. Stateful algorithms (SCAFFOLD's control variates, top-k
+error feedback, agnostic FL's domain ids) gather and scatter their per-client
+state exactly as the runner does, and that host work is in the "full" time.
+
+Timing is ``experiments.bench_privacy``'s: a warm-up over every padded
+shape, then ``--repeats`` passes in which every variant restarts from a
+fresh state and the rounds run interleaved (round r of every variant, in a
+rotated order, before round r + 1); a variant's s/round is the median over
+rounds of the best of its repeats, and the ratio divides by FedAvg's, timed
+in the same process. ``fedavg_again`` is FedAvg timed a second time (an A/A
+control: its ratio shows the timing noise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+import optax
+
+from experiments import bench
+from experiments import bench_privacy
+from experiments.bench_report import machine_info
+from fedjax_lab.algorithms import base
+from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import fedprox
+from fedjax_lab.algorithms import scaffold
+from fedjax_lab.engine import round as round_lib
+from fedjax_lab.engine.strategy import default_strategy
+
+# experiments.bench's flags (--workloads, --rounds, --quick, --out,
+# --full_warmup) and experiments.bench_privacy's --repeats are shared.
+_COMPILED = bench._COMPILED  # pylint: disable=protected-access
+_ALGORITHMS = flags.DEFINE_list(
+    "algorithms", None, "Algorithms to time (FedAvg is always added); "
+    "default: all.")
+
+# (workload, model) -> (algorithm, stacked initial client states or None).
+Builder = Callable[[bench.Workload, Any],
+                   tuple[base.FederatedAlgorithm, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmVariant:
+  """One algorithm to time: how to build it and what it is."""
+
+  name: str
+  kind: str  # "baseline" | "algorithm" | "control"
+  description: str
+  build: Builder
+
+
+def _sgd(w: bench.Workload) -> optax.GradientTransformation:
+  return optax.sgd(w.client_lr)
+
+
+def _stateless(make: Callable[[bench.Workload, Any], base.FederatedAlgorithm]
+               ) -> Builder:
+  return lambda w, model: (make(w, model), None)
+
+
+VARIANTS: list[AlgorithmVariant] = [
+    AlgorithmVariant("fedavg", "baseline", "FedAvg (client SGD, server SGD 1)",
+                     _stateless(lambda w, m: fedavg.fedavg(m, _sgd(w)))),
+    AlgorithmVariant("fedadam", "algorithm", "FedAdam (server Adam, eps 1e-3)",
+                     _stateless(lambda w, m: fedavg.fedopt(
+                         m, _sgd(w), optax.adam(1e-2, eps=1e-3)))),
+    AlgorithmVariant("fedsgd", "algorithm", "FedSGD (one full-batch gradient "
+                     "per client)",
+                     _stateless(lambda w, m: fedavg.fedsgd(m, optax.sgd(
+                         w.client_lr)))),
+    AlgorithmVariant("fedprox", "algorithm", "FedProx mu=0.01 (proximal "
+                     "gradient every step)",
+                     _stateless(lambda w, m: fedprox.fedprox(
+                         m, _sgd(w), optax.sgd(1.0), mu=0.01))),
+    AlgorithmVariant("fedprox_stragglers", "algorithm", "FedProx mu=0.01, "
+                     "50% stragglers (reservoir snapshot of the local model)",
+                     _stateless(lambda w, m: fedprox.fedprox(
+                         m, _sgd(w), optax.sgd(1.0), mu=0.01,
+                         straggler_fraction=0.5))),
+    AlgorithmVariant("scaffold", "algorithm", "SCAFFOLD option II (control "
+                     "variates per client, gathered and scattered)",
+                     lambda w, m: (scaffold.scaffold(
+                         m, w.client_lr, optax.sgd(1.0),
+                         num_clients=w.store.num_clients), None)),
+    AlgorithmVariant("fedavg_again", "control", "A/A control: FedAvg timed "
+                     "again as a separate variant",
+                     _stateless(lambda w, m: fedavg.fedavg(m, _sgd(w)))),
+]
+
+
+def select(names: list[str] | None) -> list[AlgorithmVariant]:
+  """The variants to time, FedAvg first, in ``VARIANTS`` order."""
+  known = {v.name: v for v in VARIANTS}
+  unknown = [n for n in names or () if n not in known]
+  if unknown:
+    raise ValueError(f"unknown algorithms {unknown}; choose from "
+                     f"{list(known)}.")
+  return [v for v in VARIANTS
+          if v.kind == "baseline" or names is None or v.name in names]
+
+
+def _initial_state(w: bench.Workload, model, algorithm, client_states):
+  params = model.init(jax.random.key(0))
+  if client_states is None:
+    client_states = jax.tree.map(
+        lambda leaf: np.repeat(np.asarray(leaf)[None], w.store.num_clients,
+                               axis=0), algorithm.client_state_init(params))
+  return jax.block_until_ready(algorithm.server_init(params)), client_states
+
+
+def _one_round(w, fn, state, client_states, round_index, rng):
+  """A runner-like round; returns (state, client states, full s, fn s)."""
+  start = time.perf_counter()
+  cohort = round_lib.cohort_arrays(w.cohort(round_index))
+  gathered = round_lib.gather_client_states(client_states,
+                                            cohort["client_indices"])
+  placed = jax.block_until_ready(round_lib.place_cohort(cohort, None))
+  fn_start = time.perf_counter()
+  state, new_states, metrics = jax.block_until_ready(
+      fn(state, placed, gathered, rng))
+  fn_s = time.perf_counter() - fn_start
+  jax.device_get(metrics)
+  client_states = round_lib.scatter_client_states(
+      client_states, cohort["client_indices"], new_states)
+  return state, client_states, time.perf_counter() - start, fn_s
+
+
+def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
+                   num_rounds: int, repeats: int, log=print) -> dict[str, Any]:
+  """Times every variant on ``w`` (interleaved); the report's entry."""
+  rounds = list(range(num_rounds))
+  shapes = [w.cohort(r).padded_shape for r in rounds]
+  warmup = [shapes.index(s) for s in dict.fromkeys(shapes)]
+  strategy = default_strategy(w.family)
+  model = w.make_model()
+  rng = jax.random.key(1)
+  runs, rows = {}, []
+  for v in variants:
+    algorithm, client_states = v.build(w, model)
+    fn = round_lib.build_round(algorithm, strategy, donate=False)
+    state, states = _initial_state(w, model, algorithm, client_states)
+    before, start = dict(_COMPILED), time.perf_counter()
+    for r in warmup:
+      state, states, _, _ = _one_round(w, fn, state, states, r, rng)
+    rows.append({"variant": v.name, "kind": v.kind,
+                 "description": v.description,
+                 "algorithm": algorithm.name,
+                 "warmup_s": time.perf_counter() - start,
+                 "compile_s": _COMPILED["seconds"] - before["seconds"],
+                 "round_s": [[] for _ in range(repeats)],
+                 "round_fn_s": [[] for _ in range(repeats)]})
+    runs[v.name] = (algorithm, fn, client_states)
+    log(f"[{w.name}] {v.name}: warm-up {rows[-1]['warmup_s']:.1f} s")
+  by_name = {row["variant"]: row for row in rows}
+  for repeat in range(repeats):
+    live = {name: _initial_state(w, model, alg, states)
+            for name, (alg, _, states) in runs.items()}
+    for position, round_index in enumerate(rounds):
+      order = bench_privacy._rotated(  # pylint: disable=protected-access
+          list(runs), repeat * len(rounds) + position)
+      for name in order:
+        state, states, full_s, fn_s = _one_round(
+            w, runs[name][1], *live[name], round_index, rng)
+        live[name] = (state, states)
+        by_name[name]["round_s"][repeat].append(full_s)
+        by_name[name]["round_fn_s"][repeat].append(fn_s)
+  bench_privacy._summarise(rows)  # pylint: disable=protected-access
+  for row in rows:
+    log(f"[{w.name}] {row['variant']}: {row['median_round_s']:.4f} s/round, "
+        f"ratio to FedAvg {row['ratio_to_baseline']:.3f}")
+  return {"title": w.title, "data": w.data_note, "strategy": strategy.label,
+          "settings": {"cohort_size": w.cohort_size,
+                       "batch_size": w.batch_size,
+                       "num_epochs": w.num_epochs, "client_lr": w.client_lr,
+                       "timed_rounds": rounds, "repeats": repeats},
+          "results": rows}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+  """The report as a Markdown table per workload (ratios to FedAvg)."""
+  lines = ["# Round time per algorithm, relative to FedAvg", "",
+           f"`{report['command']}` — {report['date']}, "
+           f"{report['machine']['cpu_model']}, "
+           f"{report['machine']['cpu_cores']} cores, "
+           f"{report['machine']['backend']}.",
+           "", "s/round: median over rounds of the best of the interleaved "
+           "repeats (full = cohort batching + state gather/scatter + "
+           "compiled round). `fedavg_again` is an A/A control.", ""]
+  for name, entry in report["workloads"].items():
+    lines += [f"## {entry['title']} ({entry['strategy']})", "",
+              "| algorithm | what | s/round (full) | ratio to FedAvg | "
+              "round_fn s | round_fn ratio |", "|---|---|---|---|---|---|"]
+    for row in entry["results"]:
+      lines.append(
+          f"| {row['variant']} | {row['description']} | "
+          f"{row['median_round_s']:.4f} | {row['ratio_to_baseline']:.3f} | "
+          f"{row['median_round_fn_s']:.4f} | "
+          f"{row['round_fn_ratio_to_baseline']:.3f} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def run_bench(workloads: list[str], rounds: int = 5, repeats: int = 3,
+              quick: bool = False, algorithms: list[str] | None = None,
+              command: str = "", out: str | None = None,
+              log=print) -> dict[str, Any]:
+  """Runs the benchmark; returns the report (and writes ``out``.{json,md})."""
+  chosen = select(algorithms)
+  if quick:
+    rounds, repeats = min(rounds, 2), 1
+  report = {"machine": machine_info(), "command": command, "quick": quick,
+            "date": datetime.datetime.now().astimezone().isoformat(
+                timespec="seconds"),
+            "variants": [v.name for v in chosen], "workloads": {}}
+  for name in workloads:
+    report["workloads"][name] = bench_workload(
+        bench.build_workload(name, quick), chosen, rounds, repeats, log)
+    if out:
+      bench_privacy.write_outputs(report, out, render=render_markdown)
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  values = flags.FLAGS
+  out = values.out or os.path.join(
+      "experiments", "results", f"bench_algorithms_{jax.default_backend()}")
+  run_bench(values.workloads, values.rounds, values.repeats, values.quick,
+            _ALGORITHMS.value,
+            f"python -m experiments.bench_algorithms {' '.join(sys.argv[1:])}"
+            .strip(), out, functools.partial(print, flush=True))
+  print(f"wrote {out}.json and {out}.md")
+
+
+if __name__ == "__main__":
+  app.run(main)
