@@ -18,6 +18,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 256
   config.eval_max_examples = 0
   config.eval_train_split = False  # also evaluate on the training examples
+  # Research loop: checkpoints (also written at the end and on SIGINT/SIGTERM;
+  # re-running a command on its workdir resumes), extra metrics sinks beside
+  # metrics.jsonl ("csv", "tensorboard", "wandb").
+  config.checkpoint_every = 25
+  config.checkpoints_to_keep = 3
+  config.metrics_sinks = "csv,tensorboard"
+  config.wandb_project = "fedjax_lab"
   config.strategy = "auto"
   config.shard_clients = True
   config.data = ml_collections.ConfigDict({"name": ""})

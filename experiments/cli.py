@@ -2,7 +2,8 @@
 
 User errors (a bad config, an existing workdir, a diverged run) end the
 process with a one-line ``error: ...`` on stderr and a documented exit code,
-never a traceback: 2 for configuration / workdir problems, 3 for divergence.
+never a traceback: 2 for configuration / workdir problems, 3 for divergence,
+130 for a run stopped by SIGINT/SIGTERM (checkpointed; re-run to resume).
 """
 
 import contextlib
@@ -17,6 +18,14 @@ def default_workdir(config_path: str, prefix: str = "") -> str:
   name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
   return os.path.join("runs",
                       f"{prefix}{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def quiet_library_logs() -> None:
+  """Hides INFO logs of libraries (orbax logs every checkpoint) unless the
+  user chose a level with ``--verbosity``."""
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -36,11 +45,13 @@ def build_experiment_or_exit(config: Any) -> Any:
 
 @contextlib.contextmanager
 def run_errors_exit() -> Iterator[None]:
-  """Turns an existing workdir into exit 2 and a diverged run into exit 3."""
-  from fedjax_lab.training import loop  # pylint: disable=g-import-not-at-top
+  """Exit codes for run errors: workdir/resume 2, diverged 3, interrupted 130."""
+  from fedjax_lab.training import loop, resume  # pylint: disable=g-import-not-at-top
   try:
     yield
-  except FileExistsError as e:
+  except (FileExistsError, resume.ResumeError) as e:
     fail(str(e), 2)
   except loop.DivergedError as e:
     fail(str(e), 3)
+  except loop.RunInterrupted as e:
+    fail(str(e), 130)

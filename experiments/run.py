@@ -36,6 +36,7 @@ def main(argv):
   # Imported here so --help stays fast.
   from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
 
+  cli.quiet_library_logs()
   config = _CONFIG.value
   workdir = _WORKDIR.value or cli.default_workdir(
       flags.FLAGS["config"].config_filename)

@@ -1,18 +1,28 @@
 """The round loop: sample, batch, run the compiled round, evaluate, write metrics.
 
-Side effects live here (files, progress bar); everything it calls is pure.
-The host prepares round t+1's cohort in a background thread while the
-device runs round t (:class:`fedjax_lab.data.prefetch.Prefetcher`).
+Side effects live here (files, checkpoints, signals, progress bar);
+everything it calls is pure. The host prepares round t+1's cohort in a
+background thread while the device runs round t
+(:class:`fedjax_lab.data.prefetch.Prefetcher`).
+
+A run lives in its workdir. Re-running the same command on a workdir whose
+run was interrupted (killed, Ctrl-C, SIGTERM, a crash) resumes it from its
+newest readable checkpoint (:mod:`fedjax_lab.training.resume`); the resumed
+rounds and metrics are the ones an uninterrupted run produces.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
+
 
 import jax
 import numpy as np
@@ -24,6 +34,8 @@ from fedjax_lab.engine.evaluate import build_evaluator
 from fedjax_lab.privacy import accounting
 from fedjax_lab.training import checkpoint
 from fedjax_lab.training import metrics_io
+from fedjax_lab.training import resume
+from fedjax_lab.training import sinks
 from fedjax_lab.training.setup import Experiment, describe_devices
 
 
@@ -32,8 +44,61 @@ from fedjax_lab.training.setup import Experiment, describe_devices
 FINAL_STATE_FILE = "final_state.npz"
 
 
+SUMMARY_FILE = "summary.json"
+
+
 class DivergedError(RuntimeError):
   """Training produced a non-finite loss; metrics up to that round are kept."""
+
+
+class RunInterrupted(RuntimeError):
+  """SIGINT/SIGTERM stopped the run after a round; a checkpoint was written."""
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[str]]:
+  """Collects SIGINT/SIGTERM as stop requests while the loop runs.
+
+  The first signal asks the loop to stop after the current round (and write a
+  checkpoint); a second one interrupts at once. Outside the main thread
+  (where handlers cannot be installed) signals keep their default behaviour.
+  """
+  requests: list[str] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield requests
+    return
+
+  def handler(signum, frame):
+    del frame
+    if requests:
+      raise KeyboardInterrupt
+    requests.append(signal.Signals(signum).name)
+
+  previous = {sig: signal.signal(sig, handler)
+              for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield requests
+  finally:
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+
+def _dist_version(name: str) -> str:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return metadata.version(name)
+  except metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def versions() -> dict[str, str]:
+  """Versions of the libraries a run's numbers depend on."""
+  import flax, jaxlib, optax  # pylint: disable=g-import-not-at-top,multiple-imports
+  return {"python": sys.version.split()[0], "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+          "optax": optax.__version__,
+          "dp_accounting": _dist_version("dp-accounting"),
+          "numpy": np.__version__, "backend": jax.default_backend()}
 
 
 def _stack_client_states(template: Any, num_clients: int) -> Any:
@@ -46,29 +111,91 @@ def _to_python(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def _set_aside_unfinished(workdir: str, exclude: tuple[str, ...]) -> str:
+  """Moves a run's files into ``workdir/unfinished-<n>``; returns that path."""
+  n = 1
+  while os.path.exists(target := os.path.join(workdir, f"unfinished-{n}")):
+    n += 1
+  os.makedirs(target)
+  excluded = {os.path.abspath(p) for p in exclude}
+  for name in os.listdir(workdir):
+    path = os.path.join(workdir, name)
+    if (name.startswith("unfinished-") or path == target or
+        os.path.abspath(path) in excluded):
+      continue
+    os.replace(path, os.path.join(target, name))
+  return target
+
+
+def _open_or_resume(exp: Experiment, workdir: str, config_dict, like,
+                    checkpoints: resume.RunCheckpoints, accountant):
+  """Starts a fresh run in ``workdir`` or restores the interrupted one there.
+
+  Returns ``(rounds_done, state or None, checkpoint record or {})``.
+  """
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(metrics_path):
+    os.makedirs(workdir, exist_ok=True)
+    metrics_io.write_json(config_path, config_dict)
+    metrics_io.write_json(os.path.join(workdir, "versions.json"), versions())
+    return 0, None, {}
+  if os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+    raise FileExistsError(
+        f"{workdir} already holds a finished run ({SUMMARY_FILE} is there); "
+        "pass a new --workdir (nothing there was changed).")
+  if os.path.exists(config_path):
+    resume.check_resumable(config_path, config_dict)
+  restored = checkpoints.restore_latest(like)
+  if restored is None:
+    # Stopped before its first checkpoint: start over, keeping what it wrote.
+    kept = _set_aside_unfinished(workdir, exclude=(checkpoints.directory,))
+    print(f"{workdir}: the unfinished run there has no readable checkpoint; "
+          f"starting over (its files were moved to {kept})", file=sys.stderr)
+    metrics_io.write_json(config_path, config_dict)
+    metrics_io.write_json(os.path.join(workdir, "versions.json"), versions())
+    return 0, None, {}
+  rounds_done, state, record = restored
+  if accountant is not None and rounds_done:
+    spent = accountant.epsilon(rounds_done)
+    if not math.isclose(spent, record.get("epsilon", spent), rel_tol=1e-9):
+      raise resume.ResumeError(
+          f"the privacy ledger of the checkpoint says epsilon="
+          f"{record['epsilon']:.6g} after {rounds_done} rounds but this "
+          f"config's accountant gives {spent:.6g}; the privacy settings "
+          "changed. Pass a new --workdir.")
+  metrics_io.write_json(config_path, config_dict)
+  print(f"resuming {workdir} after round {rounds_done} (checkpoint "
+        f"{os.path.join(checkpoints.directory, str(rounds_done))})",
+        file=sys.stderr)
+  return rounds_done, state, record
+
+
 def run_experiment(exp: Experiment, workdir: str,
                    show_progress: bool = True) -> dict[str, Any]:
   """Trains ``exp`` for ``config.num_rounds`` rounds; returns the summary.
 
-  Writes ``workdir/config.json``, ``workdir/metrics.jsonl`` (one object per
-  round; evaluation rounds add ``eval_*`` keys), ``workdir/summary.json`` and
-  the final server state ``workdir/final_state.npz``.
+  Writes ``workdir/config.json``, ``versions.json``, ``metrics.jsonl`` (one
+  object per round; evaluation rounds add ``eval_*`` keys) plus the sinks of
+  ``config.metrics_sinks`` (``csv``, ``tensorboard``, ``wandb``),
+  checkpoints every ``config.checkpoint_every`` rounds and at the end
+  (``workdir/checkpoints``, the newest ``config.checkpoints_to_keep``),
+  ``summary.json`` and the final server state ``final_state.npz``. A workdir
+  holding an unfinished run is resumed from its newest readable checkpoint.
 
   Raises:
     DivergedError: a round's training loss was NaN/inf (the metrics file keeps
-      every round before it).
-    FileExistsError: ``workdir`` already holds a run (it is left untouched).
+      every round before it, the last checkpoint is untouched).
+    RunInterrupted: SIGINT/SIGTERM; a checkpoint of the last finished round
+      was written (re-run to resume).
+    FileExistsError: ``workdir`` holds a finished run (left untouched). An
+      unfinished run without a readable checkpoint is moved to
+      ``workdir/unfinished-<n>`` and the run starts over.
+    resume.ResumeError: the run in ``workdir`` used another config.
   """
   config = exp.config
+  config_dict = json.loads(config.to_json_best_effort())
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics_path):
-    raise FileExistsError(
-        f"{workdir} already holds a run ({metrics_path}); pass a new "
-        "--workdir (nothing there was changed).")
-  os.makedirs(workdir, exist_ok=True)
-  metrics_io.write_json(os.path.join(workdir, "config.json"),
-                        json.loads(config.to_json_best_effort()))
-  writer = metrics_io.JsonlWriter(metrics_path)
 
   mesh = None
   if config.get("shard_clients", True) and jax.device_count() > 1:
@@ -84,6 +211,26 @@ def run_experiment(exp: Experiment, workdir: str,
   else:
     client_states = _stack_client_states(
         exp.algorithm.client_state_init(params), train.num_clients)
+  privacy = exp.privacy
+  accountant = None
+  if privacy is not None:
+    accountant = accounting.RoundAccountant(privacy.spec, privacy.delta)
+
+  checkpoints = resume.RunCheckpoints(
+      os.path.join(workdir, resume.CHECKPOINT_DIR),
+      config.get("checkpoints_to_keep", 3))
+  start_round, restored, saved = _open_or_resume(
+      exp, workdir, config_dict, (server_state, client_states), checkpoints,
+      accountant)
+  if restored is not None:
+    server_state, client_states = restored
+  extra_sinks = [name.strip() for name in
+                 config.get("metrics_sinks", "").split(",") if name.strip()]
+  writer = sinks.open_writers(
+      workdir, ["jsonl", *extra_sinks], config=config_dict,
+      resume_after=start_round if os.path.exists(metrics_path) else None,
+      wandb_project=config.get("wandb_project", "fedjax_lab"))
+
   round_fn = round_lib.build_round(exp.algorithm, exp.strategy, mesh=mesh)
   round_rng = jax.random.fold_in(rng, 1)
 
@@ -102,10 +249,6 @@ def run_experiment(exp: Experiment, workdir: str,
   client = config.client
   fixed_cohort_size = (config.cohort_size if config.sampling != "poisson"
                        else None)
-  privacy = exp.privacy
-  accountant = None
-  if privacy is not None:
-    accountant = accounting.RoundAccountant(privacy.spec, privacy.delta)
 
   def produce(round_index: int):
     batch = cohort_lib.make_round_cohort(
@@ -126,8 +269,9 @@ def run_experiment(exp: Experiment, workdir: str,
   progress = None
   if show_progress:
     import tqdm  # pylint: disable=g-import-not-at-top
-    progress = tqdm.tqdm(total=config.num_rounds, desc=exp.algorithm.name,
-                         file=sys.stderr, dynamic_ncols=True)
+    progress = tqdm.tqdm(total=config.num_rounds, initial=start_round,
+                         desc=exp.algorithm.name, file=sys.stderr,
+                         dynamic_ncols=True, unit="round")
 
   def over_budget(rounds: int) -> str | None:
     """Why running ``rounds`` rounds would exceed the budget (None if not)."""
@@ -141,23 +285,32 @@ def run_experiment(exp: Experiment, workdir: str,
             f"after round {rounds - 1}")
 
   start = time.perf_counter()
-  last_eval: dict[str, float] = {}
-  rounds_done = 0
+  seconds_before = saved.get("seconds", 0.0)
+  last_eval: dict[str, float] = saved.get("last_eval", {})
+  rounds_done = start_round
+
+  def save_checkpoint():
+    record = {"rounds_done": rounds_done, "last_eval": last_eval,
+              "seconds": seconds_before + time.perf_counter() - start}
+    if accountant is not None and rounds_done:
+      record["epsilon"] = accountant.epsilon(rounds_done)
+    checkpoints.save(rounds_done, (server_state, client_states), record)
+
   stopped_early = None
+  checkpoint_every = config.get("checkpoint_every", 0)
   try:
-    with Prefetcher(produce, range(config.num_rounds)) as prefetcher:
+    with _stop_requests() as stop_requests, Prefetcher(
+        produce, range(start_round, config.num_rounds)) as prefetcher:
       for round_index, cohort in prefetcher:
         if round_index == 0 and (stopped_early := over_budget(1)):
           break
         round_start = time.perf_counter()
         gathered = round_lib.gather_client_states(client_states,
                                                   cohort["client_indices"])
-        server_state, new_states, metrics = round_fn(
+        new_server_state, new_states, metrics = round_fn(
             server_state, round_lib.place_cohort(cohort, mesh), gathered,
             round_rng)
         metrics = _to_python(metrics)
-        client_states = round_lib.scatter_client_states(
-            client_states, cohort["client_indices"], new_states)
         record = {"round": round_index + 1, **metrics,
                   "cohort_padded_size": int(cohort["client_mask"].shape[0]),
                   "local_steps_padded": int(cohort["example_mask"].shape[1])}
@@ -170,13 +323,20 @@ def run_experiment(exp: Experiment, workdir: str,
         if (not math.isfinite(metrics.get("train_loss", 0.0)) or
             metrics.get("params_finite", 1.0) < 1.0):
           writer.write(record)
+          kept = checkpoints.steps()
           raise DivergedError(
               f"round {round_index + 1}: train_loss is "
               f"{metrics['train_loss']} and the model parameters are "
               f"{'finite' if metrics.get('params_finite') else 'NOT finite'}; "
-              "training diverged. Lower "
-              f"client.learning_rate or server.learning_rate. Metrics up to "
-              f"here are in {writer.path}.")
+              "training diverged. Lower client.learning_rate or "
+              f"server.learning_rate. Metrics up to here are in "
+              f"{metrics_path}; " + (
+                  f"the last good checkpoint (round {kept[-1]}) is kept in "
+                  f"{checkpoints.directory}." if kept else
+                  "no checkpoint was written yet."))
+        server_state = new_server_state
+        client_states = round_lib.scatter_client_states(
+            client_states, cohort["client_indices"], new_states)
         out_of_time = bool(config.get("max_seconds", 0)) and (
             time.perf_counter() - start > config.max_seconds)
         budget_spent = over_budget(round_index + 2)
@@ -191,6 +351,8 @@ def run_experiment(exp: Experiment, workdir: str,
                 server_state.params, *train_eval_batches).items()})
         writer.write(record)
         rounds_done = round_index + 1
+        if checkpoint_every and rounds_done % checkpoint_every == 0:
+          save_checkpoint()
         if progress is not None:
           postfix = {"loss": f"{metrics.get('train_loss', float('nan')):.3f}"}
           if "accuracy" in last_eval:
@@ -199,6 +361,12 @@ def run_experiment(exp: Experiment, workdir: str,
             postfix["eps"] = f"{record['epsilon']:.3g}"
           progress.set_postfix(postfix, refresh=False)
           progress.update(1)
+        if stop_requests:
+          save_checkpoint()
+          raise RunInterrupted(
+              f"{stop_requests[0]} received: stopped after round "
+              f"{rounds_done} and saved a checkpoint in "
+              f"{checkpoints.directory}; re-run the same command to resume.")
         if out_of_time:
           stopped_early = (f"max_seconds={config.max_seconds} reached after "
                            f"round {round_index + 1}")
@@ -213,6 +381,8 @@ def run_experiment(exp: Experiment, workdir: str,
 
   if not last_eval:  # no round ran (e.g. the budget did not allow one)
     last_eval = evaluate(server_state.params, eval_features, eval_mask)
+  save_checkpoint()
+  checkpoints.close()
   summary = {
       "final_eval_accuracy": last_eval.get("accuracy"),
       "final_eval_loss": last_eval.get("loss"),
@@ -220,7 +390,8 @@ def run_experiment(exp: Experiment, workdir: str,
          if k not in ("accuracy", "loss")},
       "rounds": rounds_done,
       "stopped_early": stopped_early,
-      "seconds": time.perf_counter() - start,
+      "seconds": seconds_before + time.perf_counter() - start,
+      "resumed_from_round": start_round or None,
       "algorithm": exp.algorithm.name,
       "dataset": exp.dataset.name,
       "model": config.model.name,
@@ -234,5 +405,5 @@ def run_experiment(exp: Experiment, workdir: str,
     summary["delta"] = privacy.delta
     summary["privacy"] = privacy.describe()
   checkpoint.save_pytree(os.path.join(workdir, FINAL_STATE_FILE), server_state)
-  metrics_io.write_json(os.path.join(workdir, "summary.json"), summary)
+  metrics_io.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
   return summary

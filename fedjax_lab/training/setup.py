@@ -3,6 +3,9 @@
 The config schema (``configs/*.py`` return it; every key can be overridden
 with ``--config.KEY=VALUE``):
 
+* ``checkpoint_every`` (0 = only at the end), ``checkpoints_to_keep``,
+  ``metrics_sinks`` (extra sinks: ``csv``, ``tensorboard``, ``wandb``),
+  ``wandb_project``.
 * ``seed``, ``num_rounds``, ``eval_every``, ``eval_batch_size``,
   ``eval_max_examples`` (0 = all), ``eval_train_split`` (also evaluate the
   global model on the training examples: ``train_eval_*`` keys), ``strategy`` (``"auto"`` or e.g.
@@ -44,6 +47,7 @@ from fedjax_lab.data.sources import load_dataset
 from fedjax_lab.engine.strategy import Strategy, parse_strategy
 from fedjax_lab.privacy import accounting
 from fedjax_lab.privacy import plan as privacy_plan
+from fedjax_lab.training import sinks
 
 ALGORITHMS = ("fedavg", "fedopt", "fedsgd", "fedprox", "scaffold")
 SAMPLING_KINDS = ("fixed", "poisson", "shuffle")
@@ -102,6 +106,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.sampling == "poisson" and not 0 < config.sampling_rate <= 1:
     raise ConfigError("sampling='poisson' needs 0 < sampling_rate <= 1, got "
                       f"{config.sampling_rate}; set --config.sampling_rate.")
+  if config.get("checkpoint_every", 0) < 0:
+    raise ConfigError("checkpoint_every must be >= 0 (0 = only at the end), "
+                      f"got {config.checkpoint_every}.")
+  if config.get("checkpoints_to_keep", 3) < 1:
+    raise ConfigError("checkpoints_to_keep must be >= 1, got "
+                      f"{config.checkpoints_to_keep}.")
+  unknown_sinks = [s.strip() for s in config.get("metrics_sinks", "").split(",")
+                   if s.strip() and s.strip() not in sinks.SINK_NAMES]
+  if unknown_sinks:
+    raise ConfigError(f"metrics_sinks has unknown {unknown_sinks}; choose "
+                      f"from {', '.join(sinks.SINK_NAMES)}, comma-separated.")
   if config.client.batch_size < 1 or config.client.num_epochs < 1:
     raise ConfigError("client.batch_size and client.num_epochs must be >= 1.")
   if config.algorithm == "scaffold" and config.client.optimizer != "sgd":

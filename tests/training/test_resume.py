@@ -1,0 +1,209 @@
+"""Checkpoints and exact resume: crashes, SIGKILL, SIGTERM, corrupt checkpoints."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedjax_lab.training import loop, metrics_io, resume, setup, sinks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def _config(name="synthetic_scaffold", rounds=8):
+  """SCAFFOLD (client control variates) with adaptive clipping (aggregator
+  state) and an accountant: every kind of state a resume must restore."""
+  sys.path.insert(0, ROOT)
+  module = __import__(f"configs.{name}", fromlist=["get_config"])
+  config = module.get_config()
+  config.num_rounds = rounds
+  config.eval_every = 2
+  config.checkpoint_every = 3
+  config.client.num_epochs = 1
+  config.weighting = "uniform"
+  config.privacy.mechanism = "adaptive"
+  config.privacy.noise_multiplier = 0.3
+  config.privacy.clip_norm = 0.1
+  config.metrics_sinks = "csv,tensorboard"
+  return config
+
+
+def _records(workdir):
+  return [{k: v for k, v in r.items() if k != "seconds"}
+          for r in metrics_io.read_jsonl(os.path.join(workdir,
+                                                      "metrics.jsonl"))]
+
+
+def _crash_after(monkeypatch, round_number):
+  """Makes the metrics writer raise when it sees ``round_number``."""
+  original = sinks.MultiWriter.write
+
+  def write(self, record):
+    if record["round"] == round_number:
+      raise RuntimeError("simulated crash")
+    original(self, record)
+
+  monkeypatch.setattr(sinks.MultiWriter, "write", write)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("whole"))
+  summary = loop.run_experiment(setup.build_experiment(_config()), workdir,
+                                show_progress=False)
+  return workdir, summary
+
+
+def test_resumed_run_equals_uninterrupted_run(uninterrupted, tmp_path,
+                                              monkeypatch):
+  whole, whole_summary = uninterrupted
+  workdir = str(tmp_path / "run")
+  _crash_after(monkeypatch, 8)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    loop.run_experiment(setup.build_experiment(_config()), workdir,
+                        show_progress=False)
+  monkeypatch.undo()
+  # Checkpoints after rounds 3 and 6; rounds 7 was written after the last.
+  assert [r["round"] for r in _records(workdir)] == list(range(1, 8))
+  summary = loop.run_experiment(setup.build_experiment(_config()), workdir,
+                                show_progress=False)
+  assert summary["resumed_from_round"] == 6
+  assert _records(workdir) == _records(whole)
+  assert summary["final_eval_accuracy"] == whole_summary["final_eval_accuracy"]
+  assert summary["epsilon"] == whole_summary["epsilon"]
+  # The CSV holds each round once, in order.
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    rounds = [int(line.split(",")[0]) for line in f.readlines()[1:]]
+  assert rounds == list(range(1, 9))
+
+
+def test_finished_run_is_not_rerun(uninterrupted):
+  whole, _ = uninterrupted
+  with pytest.raises(FileExistsError, match="finished run"):
+    loop.run_experiment(setup.build_experiment(_config()), whole,
+                        show_progress=False)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(
+    uninterrupted, tmp_path, monkeypatch):
+  whole, _ = uninterrupted
+  workdir = str(tmp_path / "run")
+  _crash_after(monkeypatch, 8)
+  with pytest.raises(RuntimeError):
+    loop.run_experiment(setup.build_experiment(_config()), workdir,
+                        show_progress=False)
+  monkeypatch.undo()
+  newest = os.path.join(workdir, resume.CHECKPOINT_DIR, "6")
+  damaged = 0
+  for path in glob.glob(os.path.join(newest, "state", "**", "*"),
+                        recursive=True):
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+      with open(path, "r+b") as f:
+        f.truncate(max(os.path.getsize(path) // 3, 1))
+      damaged += 1
+  assert damaged
+  checkpoints = resume.RunCheckpoints(os.path.dirname(newest))
+  assert checkpoints.steps() == [3, 6]
+  checkpoints.close()
+  experiment = setup.build_experiment(_config())
+  summary = loop.run_experiment(experiment, workdir, show_progress=False)
+  assert summary["resumed_from_round"] == 3
+  assert _records(workdir) == _records(whole)
+  # The unreadable checkpoint is kept aside, not deleted.
+  assert glob.glob(os.path.join(workdir, resume.CHECKPOINT_DIR,
+                                "unreadable-6-*"))
+
+
+def test_changed_config_is_refused(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  _crash_after(monkeypatch, 5)
+  with pytest.raises(RuntimeError):
+    loop.run_experiment(setup.build_experiment(_config()), workdir,
+                        show_progress=False)
+  monkeypatch.undo()
+  config = _config()
+  config.client.learning_rate = 0.5
+  with pytest.raises(resume.ResumeError, match="client.learning_rate"):
+    loop.run_experiment(setup.build_experiment(config), workdir,
+                        show_progress=False)
+  config = _config(rounds=10)  # running longer is allowed
+  summary = loop.run_experiment(setup.build_experiment(config), workdir,
+                                show_progress=False)
+  assert summary["rounds"] == 10 and summary["resumed_from_round"] == 3
+
+
+def test_unfinished_run_without_checkpoint_starts_over_and_keeps_files(
+    uninterrupted, tmp_path):
+  whole, _ = uninterrupted
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text('{"round": 1}\n')
+  loop.run_experiment(setup.build_experiment(_config()), str(workdir),
+                      show_progress=False)
+  assert (workdir / "unfinished-1" / "metrics.jsonl").read_text() == (
+      '{"round": 1}\n')
+  assert _records(str(workdir)) == _records(whole)
+
+
+def _launch(workdir, rounds):
+  command = [sys.executable, "-m", "experiments.run",
+             "--config=configs/synthetic_scaffold.py", f"--workdir={workdir}",
+             "--noprogress", f"--config.num_rounds={rounds}",
+             "--config.checkpoint_every=2", "--config.eval_every=2",
+             "--config.client.num_epochs=1"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(workdir, process, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = [p for p in glob.glob(os.path.join(workdir, resume.CHECKPOINT_DIR,
+                                                "*"))
+             if os.path.basename(p).isdigit()]  # complete (renamed) steps
+    if steps:
+      return
+    if process.poll() is not None:
+      raise AssertionError("the run ended before writing a checkpoint: " +
+                           process.stderr.read()[-2000:])
+    time.sleep(0.2)
+  raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+  rounds = 400
+  whole = tmp_path / "whole"
+  assert _launch(whole, rounds).wait(timeout=600) == 0
+  killed = tmp_path / "killed"
+  process = _launch(killed, rounds)
+  _wait_for_checkpoint(str(killed), process)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  written = len(_records(killed))
+  assert written < rounds, "the run finished before it could be killed"
+  resumed = _launch(killed, rounds)
+  out, err = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, err[-2000:]
+  assert json.loads(out.strip().splitlines()[-1])["resumed_from_round"]
+  assert _records(killed) == _records(whole)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
+  workdir = tmp_path / "run"
+  process = _launch(workdir, 100000)
+  _wait_for_checkpoint(str(workdir), process)
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 130, err[-2000:]
+  assert "SIGTERM received" in err and "re-run the same command" in err
+  records = _records(workdir)
+  steps = resume.RunCheckpoints(str(workdir / resume.CHECKPOINT_DIR)).steps()
+  assert steps[-1] == records[-1]["round"]  # the last round is checkpointed
+  assert not (workdir / loop.SUMMARY_FILE).exists()
