@@ -24,6 +24,10 @@ round into one function:
   run must not feed them into the model (adaptive FedProx is refused with DP).
 * ``client_state_init(params) -> state`` for one client (``()`` when the
   algorithm keeps no per-client state).
+* ``pre_round``: optional :class:`PreRound`, a first pass over the same cohort
+  whose weighted mean the server absorbs before ``broadcast`` (Mime's
+  full-batch gradient at the server model). ``None`` (every other algorithm)
+  leaves the round exactly as it was.
 """
 
 from __future__ import annotations
@@ -110,6 +114,33 @@ def weighted_mean() -> Aggregator:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreRound:
+  """A statistic of the cohort that the server needs before local training.
+
+  The engine runs it over the round's cohort first, with the same client
+  vectorisation and step loop as local training: ``client_init(broadcast,
+  client_state, rng) -> carry``, ``client_step(carry, batch, example_mask) ->
+  carry`` (fully masked steps are no-ops), ``client_final(broadcast, carry,
+  num_examples) -> (value, weight)`` with ``value`` a pytree and ``weight`` a
+  scalar. Then ``absorb(server_state, mean) -> server_state`` receives
+  ``sum_k w_k value_k / sum_k w_k`` over the real clients, and the round
+  continues with ``broadcast`` of the absorbed state. ``broadcast`` in the
+  pre-round is that of the state before absorbing; the client's key is
+  independent of its key for local training.
+
+  The mean is exact, not privatised: the aggregator (clipping, noise) only
+  sees the main pass, so an algorithm with a pre-round is not a central-DP
+  release as a whole.
+  """
+
+  client_init: Callable[[PyTree, PyTree, jax.Array], PyTree]
+  client_step: Callable[[PyTree, dict[str, jax.Array], jax.Array], PyTree]
+  client_final: Callable[[PyTree, PyTree, jax.Array],
+                         tuple[PyTree, jax.Array]]
+  absorb: Callable[[ServerState, PyTree], ServerState]
+
+
+@dataclasses.dataclass(frozen=True)
 class FederatedAlgorithm:
   """A federated algorithm as pure functions; see the module docstring."""
 
@@ -123,3 +154,4 @@ class FederatedAlgorithm:
   server_update: Callable[[ServerState, PyTree], tuple[ServerState, Metrics]]
   client_state_init: Callable[[PyTree], PyTree] = lambda params: ()
   server_update_uses_client_metrics: bool = False
+  pre_round: PreRound | None = None

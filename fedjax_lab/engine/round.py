@@ -16,6 +16,12 @@ exact no-ops: a step whose examples are all masked leaves the carry untouched
 client's randomness is ``fold_in(round_rng, client_index)``, so a client's
 result does not depend on where in the cohort (or in which padding) it sits.
 
+An algorithm with a ``pre_round`` (:class:`~fedjax_lab.algorithms.base.
+PreRound`, e.g. Mime's full-batch gradient) gets a first pass over the same
+cohort, run by the same code (vectorisation, step loop, padding rules); its
+weighted mean is absorbed into the server state before the round's
+``broadcast``. Without one the round is exactly the one-pass round.
+
 When a ``jax.sharding.Mesh`` is given, the client axis of the cohort is
 sharded over its ``"clients"`` axis and the sums over clients become the
 compiler's collectives; the result equals the single-device one.
@@ -23,6 +29,7 @@ compiler's collectives; the result equals the single-device one.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -40,6 +47,9 @@ RoundFn = Callable[..., tuple[base.ServerState, PyTree, dict[str, jax.Array]]]
 # Folded into the round key for the aggregator's noise, and into each client's
 # key for its transform's (local DP) noise; training itself uses other folds.
 _AGGREGATOR_RNG_TAG = 2**31 - 1
+# Folded into the round key for the pre-round pass (clients' keys are then
+# folded from that), so its randomness is independent of local training's.
+_PRE_ROUND_RNG_TAG = 2**31 - 2
 
 
 def _client_rngs(round_rng: jax.Array, client_indices: jax.Array) -> jax.Array:
@@ -75,6 +85,36 @@ def scatter_client_states(states: PyTree, client_indices: np.ndarray,
     return all_rows
 
   return jax.tree.map(put, states, updated)
+
+
+def _pre_round_algorithm(
+    algorithm: base.FederatedAlgorithm) -> base.FederatedAlgorithm:
+  """The algorithm's pre-round as an algorithm the client code path runs.
+
+  Its ``(value, weight)`` becomes a stateless, metric-free ``ClientUpdate``
+  whose plain weighted mean (no clipping, no noise) :func:`_absorb` hands to
+  ``pre_round.absorb``.
+  """
+  pre = algorithm.pre_round
+
+  def client_final(broadcast, carry, num_examples):
+    value, weight = pre.client_final(broadcast, carry, num_examples)
+    return base.ClientUpdate(delta=value, weight=weight, client_state=(),
+                             metrics={})
+
+  return dataclasses.replace(
+      algorithm, client_init=pre.client_init, client_step=pre.client_step,
+      client_final=client_final, aggregator=base.weighted_mean(),
+      pre_round=None)
+
+
+def _absorb(pre_round: base.PreRound, server_state: base.ServerState,
+            sums) -> base.ServerState:
+  """``pre_round.absorb`` of the weighted mean of the pre-round's values."""
+  weighted_sum, total_weight, _, _ = sums
+  scale = 1.0 / jnp.maximum(total_weight, 1e-12)
+  mean = jax.tree.map(lambda v: v * scale, weighted_sum)
+  return pre_round.absorb(server_state, mean)
 
 
 def _masked_step(algorithm: base.FederatedAlgorithm):
@@ -257,6 +297,10 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
   trace_counter = [0]
   run_group = _group_fn(algorithm, strategy.step_loop,
                         strategy.max_unroll_steps)
+  pre_run_group = None
+  if algorithm.pre_round is not None:
+    pre_run_group = _group_fn(_pre_round_algorithm(algorithm),
+                              strategy.step_loop, strategy.max_unroll_steps)
 
   def shard(tree):
     if mesh is None:
@@ -265,7 +309,8 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     return jax.tree.map(
         lambda a: jax.lax.with_sharding_constraint(a, spec), tree)
 
-  def clients_phase(server_state, cohort, client_states, round_rng):
+  def clients_phase(run_group, server_state, cohort, client_states,
+                    round_rng):
     broadcast = algorithm.broadcast(server_state)
     agg_state = server_state.aggregator_state
     per_client = (client_states, cohort["features"], cohort["example_mask"],
@@ -299,8 +344,13 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
   def round_fn(server_state, cohort, client_states, rng):
     trace_counter[0] += 1
     round_rng = jax.random.fold_in(rng, server_state.round)
-    sums, new_states = clients_phase(server_state, cohort, client_states,
-                                     round_rng)
+    if pre_run_group is not None:
+      pre_sums, _ = clients_phase(
+          pre_run_group, server_state, cohort, client_states,
+          jax.random.fold_in(round_rng, _PRE_ROUND_RNG_TAG))
+      server_state = _absorb(algorithm.pre_round, server_state, pre_sums)
+    sums, new_states = clients_phase(run_group, server_state, cohort,
+                                     client_states, round_rng)
     num_clients = jnp.sum(cohort["client_mask"])
     server_state, metrics = _finish_round(algorithm, server_state,
                                           server_state.aggregator_state, sums,
@@ -345,17 +395,66 @@ def _build_host_loop_round(algorithm, donate, trace_counter, shard):
                                           sums, num_clients, round_rng)
     return server_state, outputs[2], metrics
 
+  pre_pass = None
+  if algorithm.pre_round is not None:
+    pre_pass = _host_pre_round(algorithm, donate, shard)
+
   def round_fn(server_state, cohort, client_states, rng):
+    if pre_pass is not None:
+      server_state = pre_pass(server_state, cohort, client_states, rng)
     carry = init(server_state, client_states, cohort["client_indices"], rng)
-    features, mask = cohort["features"], cohort["example_mask"]
-    # Steps after the longest client's last step are padding: skip them.
-    active_steps = np.flatnonzero(np.asarray(mask).any(axis=(0, 2)))
-    for s in range(active_steps[-1] + 1 if len(active_steps) else 0):
-      carry = jitted_step(carry, jax.tree.map(lambda a: a[:, s], features),
-                          mask[:, s])
+    carry = _host_steps(jitted_step, carry, cohort)
     return finish(server_state, carry, cohort, rng)
 
   return round_fn
+
+
+def _host_steps(jitted_step, carry, cohort):
+  """Runs the cohort's local steps from Python, one jitted call per step."""
+  features, mask = cohort["features"], cohort["example_mask"]
+  # Steps after the longest client's last step are padding: skip them.
+  active_steps = np.flatnonzero(np.asarray(mask).any(axis=(0, 2)))
+  for s in range(active_steps[-1] + 1 if len(active_steps) else 0):
+    carry = jitted_step(carry, jax.tree.map(lambda a: a[:, s], features),
+                        mask[:, s])
+  return carry
+
+
+def _host_pre_round(algorithm, donate, shard):
+  """The pre-round pass of ``step_loop="host"``: ``(server_state, cohort,
+  client_states, rng) -> server_state`` with the pre-round mean absorbed."""
+  pre_algorithm = _pre_round_algorithm(algorithm)
+  jitted_step = jax.jit(jax.vmap(_masked_step(pre_algorithm)),
+                        donate_argnums=(0,) if donate else ())
+
+  def client_rngs(server_state, client_indices, rng):
+    pre_rng = jax.random.fold_in(jax.random.fold_in(rng, server_state.round),
+                                 _PRE_ROUND_RNG_TAG)
+    return _client_rngs(pre_rng, client_indices)
+
+  @jax.jit
+  def init(server_state, client_states, client_indices, rng):
+    broadcast = algorithm.broadcast(server_state)
+    rngs = client_rngs(server_state, client_indices, rng)
+    return jax.vmap(pre_algorithm.client_init, in_axes=(None, 0, 0))(
+        broadcast, client_states, shard(rngs))
+
+  @jax.jit
+  def absorb(server_state, carry, cohort, rng):
+    broadcast = algorithm.broadcast(server_state)
+    rngs = client_rngs(server_state, cohort["client_indices"], rng)
+    outputs = jax.vmap(
+        lambda c, n, r: _finish_client(pre_algorithm, broadcast, (), c, n, r))(
+            carry, cohort["num_examples"], rngs)
+    sums = _sum_clients(outputs, shard(cohort["client_mask"]))
+    return _absorb(algorithm.pre_round, server_state, sums)
+
+  def pre_pass(server_state, cohort, client_states, rng):
+    carry = init(server_state, client_states, cohort["client_indices"], rng)
+    carry = _host_steps(jitted_step, carry, cohort)
+    return absorb(server_state, carry, cohort, rng)
+
+  return pre_pass
 
 
 def client_mesh(devices=None) -> Mesh:
