@@ -44,6 +44,35 @@ def base_config() -> ml_collections.ConfigDict:
       "adaptive_decrease_after": 5, "adaptive_max_mu": 1.0})
   # SCAFFOLD (algorithm="scaffold"): client.optimizer must be sgd.
   config.scaffold = ml_collections.ConfigDict({"option": "II"})
+  # Mime / MimeLite: the optimizer clients mimic (its state lives on the
+  # server, frozen in local steps; client.learning_rate is the step). optax
+  # momentum is undampened: its step is ~ lr / (1 - momentum).
+  config.mime = ml_collections.ConfigDict({
+      "base_optimizer": "momentum", "base_hparams": {"momentum": 0.9}})
+  # Reptile: every client takes exactly num_inner_steps full batches; the
+  # meta step size is server.learning_rate (server.optimizer sgd).
+  config.reptile = ml_collections.ConfigDict({"num_inner_steps": 10})
+  # Agnostic FedAvg: one domain per client (play | majority_label |
+  # client_id_prefix); loss_bound > 0 is advisable with DP.
+  config.agnostic_fedavg = ml_collections.ConfigDict({
+      "domain_kind": "majority_label", "domain_separator": "/",
+      "domain_learning_rate": 0.1, "window_size": 1,
+      "min_window_fraction": 0.0, "loss_bound": 0.0, "stats_scale": 1.0})
+  # HypCluster: K cluster models, k-means++-style or random init
+  # (init_clients 0 = cohort_size candidates); min_cluster_share > 0 with DP.
+  config.hypcluster = ml_collections.ConfigDict({
+      "num_clusters": 2, "init": "kmeans", "init_clients": 0,
+      "min_cluster_share": 0.0, "stats_scale": 1.0})
+  # Compression of client updates (any algorithm): none | quantize | top_k.
+  config.compression = ml_collections.ConfigDict({
+      "method": "none", "num_bits": 8, "rotation": "none", "per_leaf": True,
+      "fraction": 0.01, "error_feedback": True})
+  # Per-client fine-tuning evaluation (personalization_* metrics): after the
+  # last round and every `every` rounds (0 = last only), on max_clients
+  # clients (0 = all), fine-tuning with SGD at learning_rate.
+  config.personalization = ml_collections.ConfigDict({
+      "enabled": False, "every": 0, "num_epochs": 1, "learning_rate": 0.01,
+      "batch_size": 10, "max_clients": 0, "clients_per_chunk": 64})
   return config
 
 

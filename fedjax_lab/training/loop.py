@@ -34,6 +34,7 @@ from fedjax_lab.engine.evaluate import build_evaluator
 from fedjax_lab.privacy import accounting
 from fedjax_lab.training import checkpoint
 from fedjax_lab.training import metrics_io
+from fedjax_lab.training import personalize as personalize_lib
 from fedjax_lab.training import resume
 from fedjax_lab.training import sinks
 from fedjax_lab.training.setup import Experiment, describe_devices
@@ -109,6 +110,38 @@ def _stack_client_states(template: Any, num_clients: int) -> Any:
 
 def _to_python(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _split_evaluator(exp: Experiment):
+  """``evaluate(params, split)`` on the test (or train) examples, built once:
+  the algorithm's own evaluation when it has one (HypCluster), else the
+  global model on every (or ``eval_max_examples``) example."""
+  if exp.evaluate_params is not None:
+    return exp.evaluate_params
+  config = exp.config
+  evaluate = build_evaluator(exp.model)
+  max_examples = config.get("eval_max_examples", 0) or None
+  batches = {"test": cohort_lib.make_eval_batches(
+      exp.dataset.test, config.eval_batch_size, max_examples=max_examples)}
+  if config.get("eval_train_split", False):
+    # The global model on the clients' training examples (the training loss
+    # FedProx and most optimisation papers plot), on the same schedule.
+    batches["train"] = cohort_lib.make_eval_batches(
+        exp.dataset.train, config.eval_batch_size, max_examples=max_examples)
+  return lambda params, split: evaluate(params, *batches[split])
+
+
+def _personalization(exp: Experiment):
+  """The per-client fine-tuning evaluation of ``config.personalization``
+  (built once so it compiles once), or None when disabled."""
+  block = exp.config.get("personalization", {})
+  if not block.get("enabled", False):
+    return None
+  if exp.evaluate_params is not None:
+    raise ValueError("personalization.enabled: this algorithm evaluates its "
+                     "own (stacked) models; personalization evaluation "
+                     "needs a single global model.")
+  return personalize_lib.build_runner(exp.config, exp.model, exp.dataset)
 
 
 def _set_aside_unfinished(workdir: str, exclude: tuple[str, ...]) -> str:
@@ -234,17 +267,8 @@ def run_experiment(exp: Experiment, workdir: str,
   round_fn = round_lib.build_round(exp.algorithm, exp.strategy, mesh=mesh)
   round_rng = jax.random.fold_in(rng, 1)
 
-  evaluate = build_evaluator(exp.model)
-  eval_features, eval_mask = cohort_lib.make_eval_batches(
-      exp.dataset.test, config.eval_batch_size,
-      max_examples=config.get("eval_max_examples", 0) or None)
-  train_eval_batches = None
-  if config.get("eval_train_split", False):
-    # The global model on the clients' training examples (the training loss
-    # FedProx and most optimisation papers plot), on the same schedule.
-    train_eval_batches = cohort_lib.make_eval_batches(
-        train, config.eval_batch_size,
-        max_examples=config.get("eval_max_examples", 0) or None)
+  evaluate_split = _split_evaluator(exp)
+  personalize = _personalization(exp)
 
   client = config.client
   fixed_cohort_size = (config.cohort_size if config.sampling != "poisson"
@@ -253,7 +277,7 @@ def run_experiment(exp: Experiment, workdir: str,
   def produce(round_index: int):
     batch = cohort_lib.make_round_cohort(
         train, exp.sampler.sample(round_index), batch_size=client.batch_size,
-        num_epochs=client.num_epochs, max_steps=client.max_steps or None,
+        num_epochs=exp.local_epochs, max_steps=exp.local_max_steps,
         seed=config.seed, round_index=round_index,
         fixed_cohort_size=fixed_cohort_size,
         cohort_multiple_of=cohort_multiple_of)
@@ -287,6 +311,7 @@ def run_experiment(exp: Experiment, workdir: str,
   start = time.perf_counter()
   seconds_before = saved.get("seconds", 0.0)
   last_eval: dict[str, float] = saved.get("last_eval", {})
+  last_personalization = None
   rounds_done = start_round
 
   def save_checkpoint():
@@ -344,11 +369,16 @@ def run_experiment(exp: Experiment, workdir: str,
                    bool(budget_spent))
         if is_last or (config.eval_every and
                        (round_index + 1) % config.eval_every == 0):
-          last_eval = evaluate(server_state.params, eval_features, eval_mask)
+          last_eval = evaluate_split(server_state.params, "test")
           record.update({f"eval_{k}": v for k, v in last_eval.items()})
-          if train_eval_batches is not None:
-            record.update({f"train_eval_{k}": v for k, v in evaluate(
-                server_state.params, *train_eval_batches).items()})
+          if config.get("eval_train_split", False):
+            record.update({f"train_eval_{k}": v for k, v in evaluate_split(
+                server_state.params, "train").items()})
+        if personalize is not None and (is_last or (
+            personalize.every and (round_index + 1) % personalize.every == 0)):
+          last_personalization = personalize(server_state.params)
+          record.update({f"personalization_{k}": v for k, v in
+                         last_personalization.summary().items()})
         writer.write(record)
         rounds_done = round_index + 1
         if checkpoint_every and rounds_done % checkpoint_every == 0:
@@ -380,7 +410,7 @@ def run_experiment(exp: Experiment, workdir: str,
     writer.close()
 
   if not last_eval:  # no round ran (e.g. the budget did not allow one)
-    last_eval = evaluate(server_state.params, eval_features, eval_mask)
+    last_eval = evaluate_split(server_state.params, "test")
   save_checkpoint()
   checkpoints.close()
   summary = {
@@ -400,6 +430,8 @@ def run_experiment(exp: Experiment, workdir: str,
       "devices": describe_devices(),
       "workdir": workdir,
   }
+  if last_personalization is not None:
+    summary["personalization"] = personalize_lib.describe(last_personalization)
   if privacy is not None:
     summary["epsilon"] = accountant.epsilon(rounds_done)
     summary["delta"] = privacy.delta

@@ -10,12 +10,15 @@ with ``--config.KEY=VALUE``):
   ``eval_max_examples`` (0 = all), ``eval_train_split`` (also evaluate the
   global model on the training examples: ``train_eval_*`` keys), ``strategy`` (``"auto"`` or e.g.
   ``"vmap+scan"``), ``shard_clients``.
-* ``algorithm``: ``fedavg`` | ``fedopt`` | ``fedsgd`` | ``fedprox`` (with a
-  ``fedprox`` block: ``mu``, ``straggler_fraction``, ``straggler_min_steps``,
-  ``drop_stragglers``, ``adaptive_mu`` with ``adaptive_step``,
-  ``adaptive_decrease_after``, ``adaptive_max_mu``) | ``scaffold`` (``scaffold.option`` I or II; local
-  steps are plain SGD at ``client.learning_rate``); ``weighting``:
-  ``num_examples`` | ``uniform``.
+* ``algorithm`` (see :mod:`fedjax_lab.training.algorithm_config`):
+  ``fedavg`` | ``fedopt`` | ``fedsgd`` | ``fedprox`` (``fedprox`` block:
+  ``mu``, stragglers, ``adaptive_mu``) | ``scaffold`` (``scaffold.option``) |
+  ``mime`` | ``mimelite`` (``mime.base_optimizer``, ``mime.base_hparams``) |
+  ``reptile`` (``reptile.num_inner_steps``) | ``agnostic_fedavg``
+  (``agnostic_fedavg`` block) | ``hypcluster`` (``hypcluster`` block);
+  ``compression`` block (``method`` none | quantize | top_k); ``weighting``:
+  ``num_examples`` | ``uniform``; ``personalization`` block (per-client
+  fine-tuning evaluation).
 * ``sampling``: ``fixed`` (``cohort_size`` clients without replacement) or
   ``poisson`` (each client with probability ``sampling_rate``).
 * ``data``: ``name`` plus that dataset's ``load()`` keyword arguments.
@@ -37,19 +40,16 @@ import ml_collections
 
 from fedjax_lab import models
 from fedjax_lab.algorithms import base as alg_base
-from fedjax_lab.algorithms import fedavg
-from fedjax_lab.algorithms import fedprox
-from fedjax_lab.algorithms import scaffold
-from fedjax_lab.algorithms.optimizers import build_optimizer
 from fedjax_lab.data import sampling
 from fedjax_lab.data.federated import FederatedDataset
 from fedjax_lab.data.sources import load_dataset
 from fedjax_lab.engine.strategy import Strategy, parse_strategy
 from fedjax_lab.privacy import accounting
 from fedjax_lab.privacy import plan as privacy_plan
+from fedjax_lab.training import algorithm_config
 from fedjax_lab.training import sinks
 
-ALGORITHMS = ("fedavg", "fedopt", "fedsgd", "fedprox", "scaffold")
+ALGORITHMS = algorithm_config.ALGORITHMS
 SAMPLING_KINDS = ("fixed", "poisson", "shuffle")
 MODEL_FAMILIES = {"cnn": "conv", "char_lstm": "recurrent"}
 
@@ -74,6 +74,12 @@ class Experiment:
   client_states_init: Any = None
   # The resolved DP mechanism and accounting; None for non-private runs.
   privacy: privacy_plan.PrivacyPlan | None = None
+  # Optional (params, "test" | "train") -> metrics replacing the plain
+  # evaluation of server_state.params (HypCluster's stacked cluster models).
+  evaluate_params: Any = None
+  # Local work per round: epochs over each client's data, and a step cap.
+  local_epochs: int = 1
+  local_max_steps: int | None = None
 
 
 def _kwargs(block: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -97,9 +103,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"num_rounds must be >= 1, got {config.num_rounds}.")
   if config.eval_every < 0:
     raise ConfigError("eval_every must be >= 0 (0 = only at the end).")
-  if config.algorithm not in ALGORITHMS:
-    raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got "
-                      f"{config.algorithm!r}.")
   if config.sampling not in SAMPLING_KINDS:
     raise ConfigError(f"sampling must be one of {SAMPLING_KINDS}, got "
                       f"{config.sampling!r}.")
@@ -119,11 +122,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"from {', '.join(sinks.SINK_NAMES)}, comma-separated.")
   if config.client.batch_size < 1 or config.client.num_epochs < 1:
     raise ConfigError("client.batch_size and client.num_epochs must be >= 1.")
-  if config.algorithm == "scaffold" and config.client.optimizer != "sgd":
-    raise ConfigError(
-        "algorithm='scaffold' corrects plain SGD local steps; set "
-        f"client.optimizer='sgd', not {config.client.optimizer!r}.")
   mechanism = config.get("privacy", {}).get("mechanism", "none")
+  algorithm_config.check_algorithm_config(config, mechanism, ConfigError)
   if mechanism != "none" and config.weighting != "uniform":
     raise ConfigError(
         f"privacy.mechanism={mechanism!r} sums clipped updates with weight 1 "
@@ -150,59 +150,7 @@ def build_model(config, dataset: FederatedDataset) -> models.Model:
                           **_kwargs(config.model))
 
 
-def build_algorithm(config, model,
-                    privacy: privacy_plan.PrivacyPlan | None = None,
-                    num_clients: int | None = None
-                    ) -> alg_base.FederatedAlgorithm:
-  """FedAvg / FedOpt / FedSGD / FedProx / SCAFFOLD, optimizers and DP.
-
-  ``num_clients`` (the population) is needed by SCAFFOLD's server update.
-  """
-  client_opt = build_optimizer(config.client.optimizer,
-                               config.client.learning_rate,
-                               config.client.get("hparams", {}))
-  if privacy is not None and privacy.mechanism == "tree":
-    server_opt = privacy_plan.build_ftrl_server_optimizer(
-        privacy, config.server.learning_rate, config.seed)
-  else:
-    server_opt = build_optimizer(config.server.optimizer,
-                                 config.server.learning_rate,
-                                 config.server.get("hparams", {}))
-  aggregator = (privacy_plan.build_aggregator(privacy) if privacy is not None
-                else None)
-  name = config.algorithm
-  if privacy is not None:
-    name = {"gaussian": "dp-", "adaptive": "dp-adaptive-", "tree": "dp-ftrl-",
-            "local": "ldp-"}[privacy.mechanism] + name
-  if config.algorithm == "fedsgd":
-    algorithm = fedavg.fedsgd(model, server_opt, weighting=config.weighting,
-                              aggregator=aggregator)
-    return dataclasses.replace(algorithm, name=name)
-  if config.algorithm == "scaffold":
-    algorithm = scaffold.scaffold(
-        model, config.client.learning_rate, server_opt,
-        option=config.get("scaffold", {}).get("option", "II"),
-        weighting=config.weighting, aggregator=aggregator,
-        num_clients=num_clients)
-    return dataclasses.replace(  # keeps the option: scaffold_I / scaffold_II
-        algorithm, name=name.replace("scaffold", algorithm.name))
-  if config.algorithm == "fedprox":
-    prox = config.get("fedprox", {})
-    algorithm = fedprox.fedprox(
-        model, client_opt, server_opt, mu=prox.get("mu", 0.0),
-        weighting=config.weighting, aggregator=aggregator,
-        straggler_fraction=prox.get("straggler_fraction", 0.0),
-        straggler_min_steps=prox.get("straggler_min_steps", 1),
-        drop_stragglers=prox.get("drop_stragglers", False),
-        adaptive_mu=fedprox.AdaptiveMu(
-            step_size=prox.get("adaptive_step", 0.1),
-            decrease_after=prox.get("adaptive_decrease_after", 5),
-            max_mu=prox.get("adaptive_max_mu", 1.0))
-        if prox.get("adaptive_mu", False) else None)
-    return dataclasses.replace(algorithm, name=name)
-  return fedavg.fedopt(model, client_opt, server_opt,
-                       weighting=config.weighting, aggregator=aggregator,
-                       name=name)
+build_algorithm = algorithm_config.build_algorithm
 
 
 def build_privacy(config, num_clients: int
@@ -230,7 +178,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         f"{num_clients} training clients; lower --config.cohort_size.")
   privacy = build_privacy(config, num_clients)
   model = build_model(config, dataset)
-  algorithm = build_algorithm(config, model, privacy, num_clients)
+  algorithm = build_algorithm(config, model, privacy, num_clients, dataset)
   if config.sampling != "poisson":
     sampler = sampling.make_sampler(config.sampling, num_clients,
                                     cohort_size=config.cohort_size,
@@ -241,8 +189,15 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                                     seed=config.seed)
   family = MODEL_FAMILIES.get(config.model.name, "dense")
   strategy = parse_strategy(config.get("strategy", "auto"), family)
-  return Experiment(config, dataset, model, algorithm, sampler, strategy,
-                    family, privacy=privacy)
+  local_epochs, local_max_steps = algorithm_config.local_schedule(config)
+  return Experiment(
+      config, dataset, model, algorithm, sampler, strategy, family,
+      client_states_init=algorithm_config.client_states_init(
+          config, dataset, algorithm),
+      privacy=privacy,
+      evaluate_params=algorithm_config.cluster_evaluator(config, model,
+                                                         dataset),
+      local_epochs=local_epochs, local_max_steps=local_max_steps)
 
 
 def describe_devices() -> str:

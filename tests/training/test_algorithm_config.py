@@ -1,0 +1,131 @@
+"""Every algorithm from a config: refusals, client states, DP composition."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from fedjax_lab.algorithms import agnostic
+from fedjax_lab.training import algorithm_config, loop, metrics_io, setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def _config(name, **overrides):
+  sys.path.insert(0, ROOT)
+  config = __import__(f"configs.{name}",
+                      fromlist=["get_config"]).get_config("tiny")
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def _private(config, mechanism="gaussian"):
+  config.privacy.mechanism = mechanism
+  config.privacy.clip_norm = 0.5
+  config.privacy.noise_multiplier = 0.5
+  config.weighting = "uniform"
+  return config
+
+
+@pytest.mark.parametrize("name, overrides, match", [
+    ("synthetic_mime", {"server.optimizer": "adam"}, "server.optimizer='sgd'"),
+    ("synthetic_scaffold", {"client.optimizer": "adam"}, "client.optimizer"),
+    ("synthetic_logreg_fedavg", {"algorithm": "fedcool"}, "algorithm must be"),
+    ("synthetic_logreg_fedavg", {"compression.method": "zip"},
+     "compression.method"),
+    ("synthetic_logreg_fedavg", {"metrics_sinks": "csv,excel"}, "excel"),
+    ("synthetic_logreg_fedavg", {"checkpoint_every": -1}, "checkpoint_every"),
+])
+def test_impossible_settings_are_refused_by_name(name, overrides, match):
+  with pytest.raises(setup.ConfigError, match=match):
+    setup.validate(_config(name, **overrides))
+
+
+@pytest.mark.parametrize("name, mechanism, match", [
+    ("synthetic_mime", "gaussian", "mimelite"),
+    ("synthetic_mime", "adaptive", "mimelite"),
+    ("mnist_cnn_compressed", "local", "compression"),
+    ("mnist_hypcluster", "tree", "gaussian"),
+])
+def test_dp_combinations_that_would_leak_are_refused(name, mechanism, match):
+  config = _private(_config(name), mechanism)
+  with pytest.raises(setup.ConfigError, match=match):
+    setup.validate(config)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("synthetic_mime", {"algorithm": "mimelite"}),
+    ("synthetic_reptile", {}),
+    ("synthetic_fedprox", {"server.optimizer": "adam",
+                           "server.learning_rate": 0.01}),
+    ("synthetic_scaffold", {}),
+    ("mnist_agnostic", {"agnostic_fedavg.loss_bound": 10.0}),
+    ("mnist_hypcluster", {"hypcluster.min_cluster_share": 0.05}),
+    ("mnist_cnn_compressed", {}),
+    ("mnist_cnn_compressed", {"compression.method": "top_k"}),
+])
+def test_every_algorithm_runs_under_dp(name, overrides, tmp_path):
+  config = _private(_config(name, **overrides))
+  summary = loop.run_experiment(setup.build_experiment(config),
+                                str(tmp_path), show_progress=False)
+  records = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert summary["rounds"] == 2 and summary["epsilon"] > 0
+  assert summary["algorithm"].startswith("dp-")
+  for record in records:
+    assert np.isfinite(record["train_loss"])
+    assert record["clip_norm"] == 0.5 and record["epsilon"] > 0
+
+
+def test_agnostic_clients_start_with_their_domain(tmp_path):
+  for method in ("none", "quantize"):
+    config = _config("mnist_agnostic", **{"compression.method": method})
+    experiment = setup.build_experiment(config)
+    ids, _ = agnostic.domain_ids_from(experiment.dataset, "majority_label")
+    params = experiment.model.init(__import__("jax").random.key(0))
+    states = experiment.client_states_init(
+        params, experiment.dataset.train.num_clients)
+    domains = states if method == "none" else states[0]
+    np.testing.assert_array_equal(np.asarray(domains), ids)
+  summary = loop.run_experiment(experiment, str(tmp_path),
+                                show_progress=False)
+  assert summary["algorithm"] == "agnostic_fedavg+q8"
+
+
+def test_reptile_cohorts_give_every_client_the_same_inner_steps():
+  config = _config("synthetic_reptile", **{"reptile.num_inner_steps": 3})
+  epochs, max_steps = algorithm_config.local_schedule(config)
+  assert max_steps == 3 and epochs >= 3
+  assert algorithm_config.local_schedule(_config("synthetic_scaffold")) == (
+      20, 2)  # the client block's (tiny mode caps steps at 2)
+
+
+def test_personalization_is_recorded_with_per_client_accuracies(tmp_path):
+  config = _config("synthetic_reptile")
+  summary = loop.run_experiment(setup.build_experiment(config),
+                                str(tmp_path), show_progress=False)
+  block = summary["personalization"]
+  accuracies = np.asarray(block["personalized_accuracy_per_client"])
+  assert len(accuracies) == block["num_clients_evaluated"] == 30
+  assert block["personalized_accuracy_worst"] == pytest.approx(
+      accuracies.min())
+  last = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]
+  assert last["personalization_personalized_accuracy_p10"] == pytest.approx(
+      np.percentile(accuracies, 10))
+
+
+def test_hypcluster_evaluates_each_client_with_its_cluster(tmp_path):
+  config = _config("mnist_hypcluster")
+  summary = loop.run_experiment(setup.build_experiment(config),
+                                str(tmp_path), show_progress=False)
+  counts = [summary[f"final_eval_cluster_clients_{k}"] for k in range(2)]
+  assert sum(counts) > 0
+  config.personalization.enabled = True
+  with pytest.raises(ValueError, match="single global model"):
+    loop.run_experiment(setup.build_experiment(config),
+                        str(tmp_path / "p"), show_progress=False)
