@@ -11,6 +11,10 @@ are run by each algorithm of ``fedjax_lab.algorithms`` at the workload's
 client learning rate. Stateful algorithms (SCAFFOLD's control variates, top-k
 error feedback, agnostic FL's domain ids) gather and scatter their per-client
 state exactly as the runner does, and that host work is in the "full" time.
+Mime runs two passes over the cohort (its full-batch gradient first);
+HypCluster (K=2) trains every cluster model on every client; Reptile here
+uses the same cohorts as FedAvg (its fixed inner-step count is a cohort
+setting of the runner, not a cost of the algorithm).
 
 Timing is ``experiments.bench_privacy``'s: a warm-up over every padded
 shape, then ``--repeats`` passes in which every variant restarts from a
@@ -40,9 +44,14 @@ import optax
 from experiments import bench
 from experiments import bench_privacy
 from experiments.bench_report import machine_info
+from fedjax_lab.algorithms import agnostic
 from fedjax_lab.algorithms import base
+from fedjax_lab.algorithms import compression
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.algorithms import fedprox
+from fedjax_lab.algorithms import hypcluster
+from fedjax_lab.algorithms import mime
+from fedjax_lab.algorithms import reptile
 from fedjax_lab.algorithms import scaffold
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.strategy import default_strategy
@@ -78,6 +87,28 @@ def _stateless(make: Callable[[bench.Workload, Any], base.FederatedAlgorithm]
   return lambda w, model: (make(w, model), None)
 
 
+def _momentum() -> optax.GradientTransformation:
+  return optax.sgd(1.0, momentum=0.9)
+
+
+_NUM_DOMAINS = 4
+
+
+def _agnostic(w: bench.Workload, model):
+  algorithm = agnostic.agnostic_fedavg(model, _sgd(w), optax.sgd(1.0),
+                                       _NUM_DOMAINS, 0.1)
+  domains = np.arange(w.store.num_clients) % _NUM_DOMAINS
+  return algorithm, agnostic.client_domain_states(domains, _NUM_DOMAINS)
+
+
+def _hypcluster(w: bench.Workload, model):
+  algorithm = hypcluster.hypcluster(model, _sgd(w), optax.sgd(1.0), 2)
+  clusters = hypcluster.random_init(model, 2, jax.random.key(0))
+  return dataclasses.replace(
+      algorithm, server_init=lambda params: algorithm.server_init(
+          clusters)), None
+
+
 VARIANTS: list[AlgorithmVariant] = [
     AlgorithmVariant("fedavg", "baseline", "FedAvg (client SGD, server SGD 1)",
                      _stateless(lambda w, m: fedavg.fedavg(m, _sgd(w)))),
@@ -102,6 +133,40 @@ VARIANTS: list[AlgorithmVariant] = [
                      lambda w, m: (scaffold.scaffold(
                          m, w.client_lr, optax.sgd(1.0),
                          num_clients=w.store.num_clients), None)),
+    AlgorithmVariant("mime", "algorithm", "Mime, momentum 0.9 (a full-batch "
+                     "gradient pass over the cohort, then corrected steps)",
+                     _stateless(lambda w, m: mime.mime(
+                         m, _momentum(), w.client_lr))),
+    AlgorithmVariant("mimelite", "algorithm", "MimeLite, momentum 0.9 "
+                     "(gradient at the server model in the same pass)",
+                     _stateless(lambda w, m: mime.mimelite(
+                         m, _momentum(), w.client_lr))),
+    AlgorithmVariant("reptile", "algorithm", "Reptile, meta step 0.5 (the "
+                     "same cohorts; inner steps capped at the workload's)",
+                     _stateless(lambda w, m: reptile.reptile(
+                         m, _sgd(w), None, meta_step_size=0.5))),
+    AlgorithmVariant("agnostic", "algorithm", "Agnostic FedAvg, 4 domains "
+                     "(domain id per client; domain losses every step)",
+                     _agnostic),
+    AlgorithmVariant("hypcluster2", "algorithm", "HypCluster, K=2 (every "
+                     "client trains both cluster models)",
+                     _hypcluster),
+    AlgorithmVariant("fedavg_q8", "algorithm", "FedAvg + 8-bit stochastic "
+                     "quantization",
+                     _stateless(lambda w, m: compression.compressed(
+                         fedavg.fedavg(m, _sgd(w)),
+                         compression.stochastic_quantization(8)))),
+    AlgorithmVariant("fedavg_q2_hadamard", "algorithm", "FedAvg + 2-bit "
+                     "quantization after a randomized Hadamard rotation",
+                     _stateless(lambda w, m: compression.compressed(
+                         fedavg.fedavg(m, _sgd(w)),
+                         compression.stochastic_quantization(
+                             2, rotation="hadamard")))),
+    AlgorithmVariant("fedavg_topk", "algorithm", "FedAvg + top-1% with "
+                     "error feedback (residual per client)",
+                     _stateless(lambda w, m: compression.compressed(
+                         fedavg.fedavg(m, _sgd(w)),
+                         compression.top_k(fraction=0.01)))),
     AlgorithmVariant("fedavg_again", "control", "A/A control: FedAvg timed "
                      "again as a separate variant",
                      _stateless(lambda w, m: fedavg.fedavg(m, _sgd(w)))),
