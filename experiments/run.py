@@ -22,9 +22,12 @@ from experiments import cli
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "configs", "default.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Experiment config file (configs/*.py).",
-    lock_config=True)
+try:  # ml_collections reads the config and its overrides from argv here.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG, "Experiment config file (configs/*.py).",
+      lock_config=True)
+except Exception as e:  # pylint: disable=broad-except
+  cli.fail(cli.explain_flag_error(sys.argv[1:], e, _DEFAULT_CONFIG), 2)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder (default: a new runs/<config>-<time>).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -37,7 +40,14 @@ def main(argv):
   from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
 
   cli.quiet_library_logs()
-  config = _CONFIG.value
+  config_file = flags.FLAGS["config"].config_filename.partition(":")[0]
+  if not os.path.isfile(config_file):
+    cli.fail(cli.explain_flag_error(sys.argv[1:], FileNotFoundError(),
+                                    _DEFAULT_CONFIG), 2)
+  try:
+    config = _CONFIG.value
+  except Exception as e:  # pylint: disable=broad-except
+    cli.fail(cli.explain_flag_error(sys.argv[1:], e, _DEFAULT_CONFIG), 2)
   workdir = _WORKDIR.value or cli.default_workdir(
       flags.FLAGS["config"].config_filename)
   experiment = cli.build_experiment_or_exit(config)
@@ -55,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit(_DEFAULT_CONFIG))

