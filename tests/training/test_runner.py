@@ -184,3 +184,31 @@ def test_adaptive_fedprox_records_mu_and_refuses_dp(tmp_path):
   config.weighting = "uniform"
   with pytest.raises(setup.ConfigError, match="adaptive_mu"):
     setup.build_experiment(config)
+
+
+def test_nan_midway_stops_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                             monkeypatch):
+  from fedjax_lab.training import resume  # pylint: disable=g-import-not-at-top
+  config = _load_config("synthetic_logreg_fedavg")
+  config.num_rounds, config.checkpoint_every = 8, 2
+  config.client.num_epochs = 1
+  original = loop._to_python  # pylint: disable=protected-access
+  calls = []
+
+  def nan_at_round_five(metrics):
+    out = original(metrics)
+    calls.append(1)
+    if len(calls) == 5:
+      out["train_loss"] = float("nan")
+    return out
+
+  monkeypatch.setattr(loop, "_to_python", nan_at_round_five)
+  with pytest.raises(loop.DivergedError,
+                     match=r"round 5: train_loss is nan.*checkpoint \(round 4\)"):
+    loop.run_experiment(setup.build_experiment(config), str(tmp_path),
+                        show_progress=False)
+  records = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+  steps = resume.RunCheckpoints(str(tmp_path / "checkpoints")).steps()
+  assert steps == [2, 4]
+  assert not (tmp_path / "summary.json").exists()
