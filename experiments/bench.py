@@ -169,23 +169,33 @@ def _fresh_state(w: Workload, model, algorithm):
   return jax.block_until_ready(algorithm.server_init(params)), states
 
 
+def one_round(w: Workload, fn, state, client_states, round_index: int,
+              rng: jax.Array):
+  """One runner-like round (cohort batching, client-state gather/scatter,
+  compiled round); returns ``(state, client_states, full s, round_fn s)``."""
+  start = time.perf_counter()
+  cohort = round_lib.cohort_arrays(w.cohort(round_index))
+  gathered = round_lib.gather_client_states(client_states,
+                                            cohort["client_indices"])
+  placed = jax.block_until_ready(round_lib.place_cohort(cohort, None))
+  fn_start = time.perf_counter()
+  state, new_states, metrics = jax.block_until_ready(
+      fn(state, placed, gathered, rng))
+  fn_s = time.perf_counter() - fn_start
+  jax.device_get(metrics)
+  client_states = round_lib.scatter_client_states(
+      client_states, cohort["client_indices"], new_states, in_place=True)
+  return state, client_states, time.perf_counter() - start, fn_s
+
+
 def _run_rounds(w: Workload, fn, state, client_states, rounds):
   """Runs ``rounds`` like the runner; returns (state, full s, round_fn s)."""
   rng, full, only = jax.random.key(1), [], []
   for round_index in rounds:
-    start = time.perf_counter()
-    cohort = round_lib.cohort_arrays(w.cohort(round_index))
-    gathered = round_lib.gather_client_states(client_states,
-                                              cohort["client_indices"])
-    placed = jax.block_until_ready(round_lib.place_cohort(cohort, None))
-    fn_start = time.perf_counter()
-    state, new_states, metrics = jax.block_until_ready(
-        fn(state, placed, gathered, rng))
-    only.append(time.perf_counter() - fn_start)
-    jax.device_get(metrics)
-    client_states = round_lib.scatter_client_states(
-        client_states, cohort["client_indices"], new_states)
-    full.append(time.perf_counter() - start)
+    state, client_states, full_s, fn_s = one_round(
+        w, fn, state, client_states, round_index, rng)
+    full.append(full_s)
+    only.append(fn_s)
   return state, full, only
 
 

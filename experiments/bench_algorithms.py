@@ -193,23 +193,6 @@ def _initial_state(w: bench.Workload, model, algorithm, client_states):
   return jax.block_until_ready(algorithm.server_init(params)), client_states
 
 
-def _one_round(w, fn, state, client_states, round_index, rng):
-  """A runner-like round; returns (state, client states, full s, fn s)."""
-  start = time.perf_counter()
-  cohort = round_lib.cohort_arrays(w.cohort(round_index))
-  gathered = round_lib.gather_client_states(client_states,
-                                            cohort["client_indices"])
-  placed = jax.block_until_ready(round_lib.place_cohort(cohort, None))
-  fn_start = time.perf_counter()
-  state, new_states, metrics = jax.block_until_ready(
-      fn(state, placed, gathered, rng))
-  fn_s = time.perf_counter() - fn_start
-  jax.device_get(metrics)
-  client_states = round_lib.scatter_client_states(
-      client_states, cohort["client_indices"], new_states)
-  return state, client_states, time.perf_counter() - start, fn_s
-
-
 def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
                    num_rounds: int, repeats: int, log=print) -> dict[str, Any]:
   """Times every variant on ``w`` (interleaved); the report's entry."""
@@ -226,7 +209,7 @@ def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
     state, states = _initial_state(w, model, algorithm, client_states)
     before, start = dict(_COMPILED), time.perf_counter()
     for r in warmup:
-      state, states, _, _ = _one_round(w, fn, state, states, r, rng)
+      state, states, _, _ = bench.one_round(w, fn, state, states, r, rng)
     rows.append({"variant": v.name, "kind": v.kind,
                  "description": v.description,
                  "algorithm": algorithm.name,
@@ -244,7 +227,7 @@ def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
       order = bench_privacy._rotated(  # pylint: disable=protected-access
           list(runs), repeat * len(rounds) + position)
       for name in order:
-        state, states, full_s, fn_s = _one_round(
+        state, states, full_s, fn_s = bench.one_round(
             w, runs[name][1], *live[name], round_index, rng)
         live[name] = (state, states)
         by_name[name]["round_s"][repeat].append(full_s)

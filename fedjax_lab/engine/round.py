@@ -75,12 +75,20 @@ def gather_client_states(states: PyTree, client_indices: np.ndarray) -> PyTree:
 
 
 def scatter_client_states(states: PyTree, client_indices: np.ndarray,
-                          updated: PyTree) -> PyTree:
-  """Writes a cohort's new client states back into the stacked host states."""
+                          updated: PyTree, in_place: bool = False) -> PyTree:
+  """Writes a cohort's new client states back into the stacked host states.
+
+  By default the store is copied first (the input is left as it was). With
+  ``in_place`` the rows are written into the given (writable numpy) arrays,
+  so a round costs O(cohort) host memory traffic instead of O(population):
+  what a runner that owns its store wants.
+  """
   real = client_indices >= 0
 
   def put(all_rows, new_rows):
-    all_rows = np.array(all_rows)
+    if not in_place or not (isinstance(all_rows, np.ndarray) and
+                            all_rows.flags.writeable):
+      all_rows = np.array(all_rows)
     all_rows[client_indices[real]] = np.asarray(new_rows)[real]
     return all_rows
 

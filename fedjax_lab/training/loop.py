@@ -361,7 +361,7 @@ def run_experiment(exp: Experiment, workdir: str,
                   "no checkpoint was written yet."))
         server_state = new_server_state
         client_states = round_lib.scatter_client_states(
-            client_states, cohort["client_indices"], new_states)
+            client_states, cohort["client_indices"], new_states, in_place=True)
         out_of_time = bool(config.get("max_seconds", 0)) and (
             time.perf_counter() - start > config.max_seconds)
         budget_spent = over_budget(round_index + 2)

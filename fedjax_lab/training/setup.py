@@ -8,8 +8,8 @@ with ``--config.KEY=VALUE``):
   ``wandb_project``.
 * ``seed``, ``num_rounds``, ``eval_every``, ``eval_batch_size``,
   ``eval_max_examples`` (0 = all), ``eval_train_split`` (also evaluate the
-  global model on the training examples: ``train_eval_*`` keys), ``strategy`` (``"auto"`` or e.g.
-  ``"vmap+scan"``), ``shard_clients``.
+  global model on the training examples: ``train_eval_*`` keys),
+  ``strategy`` (``"auto"`` or e.g. ``"vmap+scan"``), ``shard_clients``.
 * ``algorithm`` (see :mod:`fedjax_lab.training.algorithm_config`):
   ``fedavg`` | ``fedopt`` | ``fedsgd`` | ``fedprox`` (``fedprox`` block:
   ``mu``, stragglers, ``adaptive_mu``) | ``scaffold`` (``scaffold.option``) |
