@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from fedjax_lab.algorithms import fedavg
+from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.round import build_round
 from fedjax_lab.engine.strategy import Strategy, parse_strategy
 
