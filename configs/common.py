@@ -72,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   # clients (0 = all), fine-tuning with SGD at learning_rate.
   config.personalization = ml_collections.ConfigDict({
       "enabled": False, "every": 0, "num_epochs": 1, "learning_rate": 0.01,
-      "batch_size": 10, "max_clients": 0, "clients_per_chunk": 64})
+      "batch_size": 10, "max_clients": 0, "clients_per_chunk": 16,
+      "eval_batch_size": 32})
   return config
 
 

@@ -43,14 +43,16 @@ def build_runner(config, model, dataset) -> PersonalizationRunner:
 
   ``max_clients`` > 0 evaluates a fixed random subset of that many training
   clients (the same every time); fine-tuning uses SGD at
-  ``learning_rate`` for ``num_epochs`` epochs of ``batch_size``.
+  ``learning_rate`` for ``num_epochs`` epochs of ``batch_size``. Memory grows
+  with ``clients_per_chunk x eval_batch_size`` examples in flight (a CNN's
+  activations are ~1 MB per MNIST example): keep both small.
   """
   block = config.personalization
   evaluator = personalization.build_personalization_evaluator(
       model, build_optimizer("sgd", block.learning_rate, {}),
       num_epochs=block.num_epochs, batch_size=block.batch_size,
-      eval_batch_size=config.eval_batch_size,
-      clients_per_chunk=block.get("clients_per_chunk", 64),
+      eval_batch_size=block.get("eval_batch_size", 32),
+      clients_per_chunk=block.get("clients_per_chunk", 16),
       shuffle_seed=config.seed)
   population = dataset.train.num_clients
   clients = None
