@@ -164,7 +164,9 @@ def check_resumable(saved_config_path: str, current: dict[str, Any]) -> None:
   """
   with open(saved_config_path) as f:
     saved = json.load(f)
-  changed = config_differences(saved, current)
+  inactive = _inactive_blocks(saved) & _inactive_blocks(current)
+  changed = [k for k in config_differences(saved, current)
+             if k.split(".", 1)[0] not in inactive]
   allowed = set(RESUMABLE_CHANGES)
   if current.get("privacy", {}).get("calibrate"):
     allowed.discard("num_rounds")
@@ -178,6 +180,23 @@ def check_resumable(saved_config_path: str, current: dict[str, Any]) -> None:
         f"different config ({shown}{', ...' if len(blocking) > 6 else ''}). "
         "Resume it with its own config, or pass a new --workdir. Keys a "
         f"resumed run may change: {', '.join(sorted(allowed))}.")
+
+
+# Config blocks that only matter for one algorithm.
+_ALGORITHM_BLOCKS = ("fedprox", "scaffold", "mime", "reptile",
+                     "agnostic_fedavg", "hypcluster")
+
+
+def _inactive_blocks(config: dict[str, Any]) -> set[str]:
+  """Blocks that cannot affect the run: other algorithms' blocks, and the
+  compression / personalization blocks while switched off. Their defaults
+  may change between versions without blocking a resume."""
+  inactive = {b for b in _ALGORITHM_BLOCKS if b != config.get("algorithm")}
+  if config.get("compression", {}).get("method", "none") == "none":
+    inactive.add("compression")
+  if not config.get("personalization", {}).get("enabled", False):
+    inactive.add("personalization")
+  return inactive
 
 
 def _lookup(config: dict[str, Any], dotted: str) -> Any:

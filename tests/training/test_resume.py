@@ -207,3 +207,26 @@ def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
   steps = resume.RunCheckpoints(str(workdir / resume.CHECKPOINT_DIR)).steps()
   assert steps[-1] == records[-1]["round"]  # the last round is checkpointed
   assert not (workdir / loop.SUMMARY_FILE).exists()
+
+
+def test_switched_off_blocks_may_change_between_versions(tmp_path):
+  saved = {"algorithm": "fedavg", "num_rounds": 5,
+           "client": {"learning_rate": 0.1},
+           "personalization": {"enabled": False, "clients_per_chunk": 64},
+           "scaffold": {"option": "II"}}
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(saved))
+  newer = json.loads(json.dumps(saved))
+  newer["personalization"]["clients_per_chunk"] = 16  # a changed default
+  newer["personalization"]["eval_batch_size"] = 32  # a new key
+  newer["scaffold"]["option"] = "I"  # another algorithm's block
+  newer["num_rounds"] = 9
+  resume.check_resumable(str(path), newer)  # nothing that acts changed
+  newer["personalization"]["enabled"] = True
+  with pytest.raises(resume.ResumeError, match="personalization.enabled"):
+    resume.check_resumable(str(path), newer)
+  newer = json.loads(json.dumps(saved))
+  newer["client"]["learning_rate"] = 0.2
+  with pytest.raises(resume.ResumeError,
+                     match=r"client.learning_rate: 0.1 -> 0.2"):
+    resume.check_resumable(str(path), newer)
