@@ -67,13 +67,22 @@ ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
                     {"compression.method": "top_k",
                      "compression.fraction": 0.01}),
 }
-_OUT_DIR = flags.DEFINE_string(
-    "out_dir", "experiments/results/compare_algorithms", "Report folder.")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed).")
-_ROUNDS = flags.DEFINE_integer("rounds", 100, "Rounds per member.")
-_ALGORITHMS = flags.DEFINE_list("algorithms", list(ALGORITHMS),
-                                "Algorithms to compare.")
-_TINY = flags.DEFINE_bool("tiny", False, "The configs' :tiny mode (tests).")
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def _define_flags() -> None:
+  """Command-line flags, defined only when run as a program (other
+  experiments define flags of the same names in a shared test process)."""
+  _FLAGS["out_dir"] = flags.DEFINE_string(
+      "out_dir", "experiments/results/compare_algorithms", "Report folder.")
+  _FLAGS["seeds"] = flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed).")
+  _FLAGS["rounds"] = flags.DEFINE_integer("rounds", 100, "Rounds per member.")
+  _FLAGS["algorithms"] = flags.DEFINE_list(
+      "algorithms", list(ALGORITHMS), "Algorithms to compare.")
+  _FLAGS["tiny"] = flags.DEFINE_bool("tiny", False,
+                                     "The configs' :tiny mode (tests).")
+
+
 REPORT = "compare_algorithms"
 
 
@@ -243,13 +252,15 @@ def main(argv: Sequence[str]) -> None:
   cli.quiet_library_logs()
   command = " ".join(["python -m experiments.compare_algorithms",
                       *sys.argv[1:]])
+  values = {name: holder.value for name, holder in _FLAGS.items()}
   try:
-    run(_ALGORITHMS.value, [int(s) for s in _SEEDS.value], _ROUNDS.value,
-        _OUT_DIR.value, command, _TINY.value)
+    run(values["algorithms"], [int(s) for s in values["seeds"]],
+        values["rounds"], values["out_dir"], command, values["tiny"])
   except ValueError as e:
     cli.fail(str(e))
-  print(f"wrote {_OUT_DIR.value}/{REPORT}.md")
+  print(f"wrote {values['out_dir']}/{REPORT}.md")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

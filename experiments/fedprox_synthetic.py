@@ -28,29 +28,39 @@ from absl import flags
 
 from fedjax_lab.training import metrics_io
 
-_OUT_DIR = flags.DEFINE_string("out_dir",
-                               "experiments/results/fedprox_synthetic",
-                               "Folder for the members and the report.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"],
-                           "Training seeds (config.seed) per member.")
-_ROUNDS = flags.DEFINE_integer("rounds", 200, "Rounds per member.")
-_SETTINGS = flags.DEFINE_list(
-    "settings", ["0_0", "0.5_0.5", "1_1"],
-    "Synthetic(alpha, beta) settings, each written ALPHA_BETA.")
-_STRAGGLERS = flags.DEFINE_list(
-    "stragglers", ["0", "0.5", "0.9"],
-    "Straggler fractions (probability a round's client straggles).")
-_EVAL_EVERY = flags.DEFINE_integer(
-    "eval_every", 5, "Rounds between evaluations of the global model.")
 # Method name -> (label, FedProx mu, drop_stragglers).
 METHODS = {"fedavg": ("FedAvg", 0.0, True),
            "fedprox_mu0": ("FedProx mu=0", 0.0, False),
            "fedprox_mu1": ("FedProx mu=1", 1.0, False)}
-_METHODS = flags.DEFINE_list("methods", list(METHODS),
-                             f"Methods to run, of {', '.join(METHODS)}.")
+# The command-line flags, once define_flags() ran: name -> FlagHolder.
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command-line flags (only when run as a program, or on a
+  test's own FlagValues: other experiments use the same flag names)."""
+  define = lambda kind, name, default, help_text: kind(
+      name, default, help_text, flag_values=flag_values)
+  _FLAGS.update(
+      out_dir=define(flags.DEFINE_string, "out_dir",
+                     "experiments/results/fedprox_synthetic",
+                     "Folder for the members and the report."),
+      seeds=define(flags.DEFINE_list, "seeds", ["0", "1", "2"],
+                   "Training seeds (config.seed) per member."),
+      rounds=define(flags.DEFINE_integer, "rounds", 200, "Rounds per member."),
+      settings=define(flags.DEFINE_list, "settings", ["0_0", "0.5_0.5", "1_1"],
+                      "Synthetic(alpha, beta) settings, each written "
+                      "ALPHA_BETA."),
+      stragglers=define(flags.DEFINE_list, "stragglers", ["0", "0.5", "0.9"],
+                        "Straggler fractions (probability a round's client "
+                        "straggles)."),
+      eval_every=define(flags.DEFINE_integer, "eval_every", 5,
+                        "Rounds between evaluations of the global model."),
+      methods=define(flags.DEFINE_list, "methods", list(METHODS),
+                     f"Methods to run, of {', '.join(METHODS)}."))
+
+
 REPORT_NAME = "fedprox_synthetic"
-_FLAGS = (_OUT_DIR, _SEEDS, _ROUNDS, _SETTINGS, _STRAGGLERS, _EVAL_EVERY,
-          _METHODS)
 
 
 def parse_setting(setting: str) -> tuple[float, float]:
@@ -470,23 +480,25 @@ def run_grid(out_dir: str, seeds: Sequence[int], rounds: int,
 
 
 def main(argv: Sequence[str]) -> None:
-  """Command-line entry: the grid from the flags."""
+  """Command-line entry: the grid from the flags (see define_flags)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for setting in _SETTINGS.value:
+  value = {name: holder.value for name, holder in _FLAGS.items()}
+  for setting in value["settings"]:
     parse_setting(setting)  # fail before any training on a bad setting
-  if set(_METHODS.value) - set(METHODS):
-    raise app.UsageError(f"unknown --methods {_METHODS.value}")
+  if set(value["methods"]) - set(METHODS):
+    raise app.UsageError(f"unknown --methods {value['methods']}")
   command = " ".join(["python -m experiments.fedprox_synthetic"] + [
-      flags.FLAGS[f.name].serialize() for f in _FLAGS
-      if not flags.FLAGS[f.name].using_default_value])
-  report = run_grid(_OUT_DIR.value, [int(s) for s in _SEEDS.value],
-                    _ROUNDS.value, _SETTINGS.value,
-                    [float(f) for f in _STRAGGLERS.value], _EVAL_EVERY.value,
-                    _METHODS.value, command=command)
+      holder._flagvalues[name].serialize()  # pylint: disable=protected-access
+      for name, holder in _FLAGS.items() if holder.present])
+  report = run_grid(value["out_dir"], [int(s) for s in value["seeds"]],
+                    value["rounds"], value["settings"],
+                    [float(f) for f in value["stragglers"]],
+                    value["eval_every"], value["methods"], command=command)
   print(json.dumps({"members_run": report["members_run"],
                     "findings": report["findings"]}, indent=1))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -7,7 +7,6 @@ import math
 import os
 
 from absl import flags
-from absl.testing import flagsaver
 
 from experiments import fedprox_synthetic
 from fedjax_lab.training import loop
@@ -70,9 +69,10 @@ def test_tiny_grid_outputs_and_resume(tmp_path, monkeypatch, capsys):
           "--methods=fedavg,fedprox_mu0", "--eval_every=1"]
 
   def run_main():
-    with flagsaver.flagsaver():
-      flags.FLAGS(argv)
-      fedprox_synthetic.main(argv[:1])
+    flag_values = flags.FlagValues()  # its own: other modules share names
+    fedprox_synthetic.define_flags(flag_values)
+    flag_values(argv)
+    fedprox_synthetic.main(argv[:1])
     return json.loads(capsys.readouterr().out)
 
   first = run_main()

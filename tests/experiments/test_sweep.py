@@ -111,9 +111,10 @@ def test_at_file_grid_and_explicit_list():
 def test_unknown_key_names_the_closest_valid_keys():
   with pytest.raises(sweep_spec.SpecError) as error:
     _resolve("client.learning_rat=0.1")
-  assert str(error.value) == ("unknown config key 'client.learning_rat' in "
-                              "--sweep; did you mean client.learning_rate, "
-                              "server.learning_rate?")
+  # The closest key comes first; other near matches may follow.
+  assert str(error.value).startswith(
+      "unknown config key 'client.learning_rat' in --sweep; did you mean "
+      "client.learning_rate, ")
   # Nothing close: the keys of the same section, else where to list them.
   with pytest.raises(sweep_spec.SpecError,
                      match=r"'client\.qqqqqqqqqqqq'.*mean client\.batch_size"):
@@ -168,8 +169,7 @@ def test_unknown_key_exits_2_before_anything_runs(tmp_path):
   result = _sweep(tmp_path / "w", spec="client.learning_rat=0.1,0.3")
   assert result.returncode == 2
   assert ("error: unknown config key 'client.learning_rat' in --sweep; did "
-          "you mean client.learning_rate, server.learning_rate?") in \
-      result.stderr
+          "you mean client.learning_rate, ") in result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "w").exists()
 
