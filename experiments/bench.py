@@ -160,13 +160,14 @@ def _on_duration(event: str, duration_secs: float, **kwargs: Any) -> None:
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
-def _fresh_state(w: Workload, model, algorithm):
-  """Initial server state and stacked per-client states (as the runner)."""
+def _fresh_state(w: Workload, model, algorithm, client_states=None):
+  """Initial server state and stacked per-client states (as the runner);
+  ``client_states`` replaces the default ``client_state_init`` store."""
   params = model.init(jax.random.key(0))
-  states = jax.tree.map(lambda leaf: np.repeat(np.asarray(leaf)[None],
-                                               w.store.num_clients, axis=0),
-                        algorithm.client_state_init(params))
-  return jax.block_until_ready(algorithm.server_init(params)), states
+  if client_states is None:
+    client_states = round_lib.stack_client_states(
+        algorithm.client_state_init(params), w.store.num_clients)
+  return jax.block_until_ready(algorithm.server_init(params)), client_states
 
 
 def one_round(w: Workload, fn, state, client_states, round_index: int,

@@ -184,15 +184,6 @@ def select(names: list[str] | None) -> list[AlgorithmVariant]:
           if v.kind == "baseline" or names is None or v.name in names]
 
 
-def _initial_state(w: bench.Workload, model, algorithm, client_states):
-  params = model.init(jax.random.key(0))
-  if client_states is None:
-    client_states = jax.tree.map(
-        lambda leaf: np.repeat(np.asarray(leaf)[None], w.store.num_clients,
-                               axis=0), algorithm.client_state_init(params))
-  return jax.block_until_ready(algorithm.server_init(params)), client_states
-
-
 def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
                    num_rounds: int, repeats: int, log=print) -> dict[str, Any]:
   """Times every variant on ``w`` (interleaved); the report's entry."""
@@ -206,7 +197,7 @@ def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
   for v in variants:
     algorithm, client_states = v.build(w, model)
     fn = round_lib.build_round(algorithm, strategy, donate=False)
-    state, states = _initial_state(w, model, algorithm, client_states)
+    state, states = bench._fresh_state(w, model, algorithm, client_states)
     before, start = dict(_COMPILED), time.perf_counter()
     for r in warmup:
       state, states, _, _ = bench.one_round(w, fn, state, states, r, rng)
@@ -221,7 +212,7 @@ def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
     log(f"[{w.name}] {v.name}: warm-up {rows[-1]['warmup_s']:.1f} s")
   by_name = {row["variant"]: row for row in rows}
   for repeat in range(repeats):
-    live = {name: _initial_state(w, model, alg, states)
+    live = {name: bench._fresh_state(w, model, alg, states)
             for name, (alg, _, states) in runs.items()}
     for position, round_index in enumerate(rounds):
       order = bench_privacy._rotated(  # pylint: disable=protected-access

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 from typing import Any, Sequence
@@ -122,11 +123,11 @@ def run_member(name: str, seed: int, rounds: int, out_dir: str,
                           show_progress=False)
     except loop.DivergedError as e:
       metrics_io.write_json(diverged_path, {"message": str(e)})
-    for leftover in ("final_state.npz",):
-      path = os.path.join(workdir, leftover)
-      if os.path.exists(path):
-        os.remove(path)
-    _remove_tree(os.path.join(workdir, "checkpoints"))
+    # Binary run artefacts stay out of the committed results.
+    final_state = os.path.join(workdir, loop.FINAL_STATE_FILE)
+    if os.path.exists(final_state):
+      os.remove(final_state)
+    shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
   records = metrics_io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   if os.path.exists(diverged_path):
     return {"name": name, "seed": seed, "what": ALGORITHMS[name][0],
@@ -155,11 +156,6 @@ def run_member(name: str, seed: int, rounds: int, out_dir: str,
       for stat in ("mean_client_uniform", "p10", "worst"):
         row[f"{prefix}_{stat}"] = block[f"{prefix}_accuracy_{stat}"]
   return row
-
-
-def _remove_tree(path: str) -> None:
-  import shutil  # pylint: disable=g-import-not-at-top
-  shutil.rmtree(path, ignore_errors=True)
 
 
 def _pct(value) -> str:

@@ -68,6 +68,14 @@ def cohort_arrays(cohort) -> dict[str, Any]:
   }
 
 
+def stack_client_states(template: PyTree, num_clients: int) -> PyTree:
+  """One client's initial state repeated for a population: the host-side
+  store (numpy, leading ``[num_clients]`` axis) the gather/scatter below use."""
+  return jax.tree.map(
+      lambda leaf: np.repeat(np.asarray(leaf)[None], num_clients, axis=0),
+      template)
+
+
 def gather_client_states(states: PyTree, client_indices: np.ndarray) -> PyTree:
   """Rows of host-side stacked per-client states for a cohort (pads get row 0)."""
   rows = np.maximum(client_indices, 0)

@@ -43,6 +43,7 @@ import numpy as np
 from fedjax_lab.algorithms import base
 from fedjax_lab.data import sampling
 from fedjax_lab.data.federated import ClientStore, FederatedDataset
+from fedjax_lab.engine import round as round_lib
 from fedjax_lab.privacy import clipping
 from fedjax_lab.privacy import plan as plan_lib
 
@@ -369,10 +370,8 @@ def add_canaries(experiment: Experiment, num_canaries: int,
     if inner_states_init is not None:
       inner = inner_states_init(params, num_clients)
     else:
-      template = inner_algorithm.client_state_init(params)
-      inner = jax.tree.map(
-          lambda leaf: np.repeat(np.asarray(leaf)[None], num_clients, axis=0),
-          template)
+      inner = round_lib.stack_client_states(
+          inner_algorithm.client_state_init(params), num_clients)
     ids = np.full([num_clients], -1, np.int32)
     ids[num_real:] = np.arange(num_canaries, dtype=np.int32)
     return (inner, ids)

@@ -38,6 +38,7 @@ from fedjax_lab.algorithms import mime
 from fedjax_lab.algorithms import reptile
 from fedjax_lab.algorithms import scaffold
 from fedjax_lab.algorithms.optimizers import build_optimizer
+from fedjax_lab.engine import round as round_lib
 from fedjax_lab.privacy import plan as privacy_plan
 
 ALGORITHMS = ("fedavg", "fedopt", "fedsgd", "fedprox", "scaffold", "mime",
@@ -194,8 +195,7 @@ def _uncompressed(config, model, client_opt, server_opt, aggregator, privacy,
         aggregator=aggregator)
   if name == "agnostic_fedavg":
     block = config.agnostic_fedavg
-    ids, _ = agnostic.domain_ids_from(dataset, block.domain_kind,
-                                      block.get("domain_separator", "/"))
+    ids = _client_domains(config, dataset)
     num_domains = int(ids.max()) + 1
     sizes = (dataset.train.client_sizes if weighting == "num_examples"
              else None)
@@ -225,11 +225,12 @@ def _uncompressed(config, model, client_opt, server_opt, aggregator, privacy,
                        aggregator=aggregator, name=name)
 
 
-def stack_client_states(template: Any, num_clients: int) -> Any:
-  """One client's initial state repeated for the population (host arrays)."""
-  return jax.tree.map(
-      lambda leaf: np.repeat(np.asarray(leaf)[None], num_clients, axis=0),
-      template)
+def _client_domains(config, dataset) -> np.ndarray:
+  """Agnostic FL: each training client's domain id (``[num_clients]``)."""
+  block = config.agnostic_fedavg
+  ids, _ = agnostic.domain_ids_from(dataset, block.domain_kind,
+                                    block.get("domain_separator", "/"))
+  return ids
 
 
 def client_states_init(config, dataset, algorithm: base.FederatedAlgorithm
@@ -238,18 +239,16 @@ def client_states_init(config, dataset, algorithm: base.FederatedAlgorithm
   alike (agnostic FL: each client's domain id), else None."""
   if config.algorithm != "agnostic_fedavg":
     return None
-  block = config.agnostic_fedavg
-  ids, _ = agnostic.domain_ids_from(dataset, block.domain_kind,
-                                    block.get("domain_separator", "/"))
-  domains = agnostic.client_domain_states(ids)
+  domains = agnostic.client_domain_states(_client_domains(config, dataset))
 
   def init(params, num_clients):
+    # A fresh store per call: the runner writes client rows in place.
     if not compression_enabled(config):
-      return domains
+      return domains.copy()
     # compressed() pairs the inner state with the compressor's.
-    _, compressor_states = stack_client_states(
+    _, compressor_states = round_lib.stack_client_states(
         algorithm.client_state_init(params), num_clients)
-    return domains, compressor_states
+    return domains.copy(), compressor_states
 
   return init
 

@@ -102,12 +102,6 @@ def versions() -> dict[str, str]:
           "numpy": np.__version__, "backend": jax.default_backend()}
 
 
-def _stack_client_states(template: Any, num_clients: int) -> Any:
-  return jax.tree.map(
-      lambda leaf: np.repeat(np.asarray(leaf)[None], num_clients, axis=0),
-      template)
-
-
 def _to_python(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -160,7 +154,7 @@ def _set_aside_unfinished(workdir: str, exclude: tuple[str, ...]) -> str:
   return target
 
 
-def _open_or_resume(exp: Experiment, workdir: str, config_dict, like,
+def _open_or_resume(workdir: str, config_dict, like,
                     checkpoints: resume.RunCheckpoints, accountant):
   """Starts a fresh run in ``workdir`` or restores the interrupted one there.
 
@@ -168,11 +162,15 @@ def _open_or_resume(exp: Experiment, workdir: str, config_dict, like,
   """
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(metrics_path):
+
+  def start_fresh():
     os.makedirs(workdir, exist_ok=True)
     metrics_io.write_json(config_path, config_dict)
     metrics_io.write_json(os.path.join(workdir, "versions.json"), versions())
     return 0, None, {}
+
+  if not os.path.exists(metrics_path):
+    return start_fresh()
   if os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
     raise FileExistsError(
         f"{workdir} already holds a finished run ({SUMMARY_FILE} is there); "
@@ -185,9 +183,7 @@ def _open_or_resume(exp: Experiment, workdir: str, config_dict, like,
     kept = _set_aside_unfinished(workdir, exclude=(checkpoints.directory,))
     print(f"{workdir}: the unfinished run there has no readable checkpoint; "
           f"starting over (its files were moved to {kept})", file=sys.stderr)
-    metrics_io.write_json(config_path, config_dict)
-    metrics_io.write_json(os.path.join(workdir, "versions.json"), versions())
-    return 0, None, {}
+    return start_fresh()
   rounds_done, state, record = restored
   if accountant is not None and rounds_done:
     spent = accountant.epsilon(rounds_done)
@@ -242,7 +238,7 @@ def run_experiment(exp: Experiment, workdir: str,
   if exp.client_states_init is not None:
     client_states = exp.client_states_init(params, train.num_clients)
   else:
-    client_states = _stack_client_states(
+    client_states = round_lib.stack_client_states(
         exp.algorithm.client_state_init(params), train.num_clients)
   privacy = exp.privacy
   accountant = None
@@ -253,7 +249,7 @@ def run_experiment(exp: Experiment, workdir: str,
       os.path.join(workdir, resume.CHECKPOINT_DIR),
       config.get("checkpoints_to_keep", 3))
   start_round, restored, saved = _open_or_resume(
-      exp, workdir, config_dict, (server_state, client_states), checkpoints,
+      workdir, config_dict, (server_state, client_states), checkpoints,
       accountant)
   if restored is not None:
     server_state, client_states = restored
@@ -261,7 +257,7 @@ def run_experiment(exp: Experiment, workdir: str,
                  config.get("metrics_sinks", "").split(",") if name.strip()]
   writer = sinks.open_writers(
       workdir, ["jsonl", *extra_sinks], config=config_dict,
-      resume_after=start_round if os.path.exists(metrics_path) else None,
+      resume_after=start_round if restored is not None else None,
       wandb_project=config.get("wandb_project", "fedjax_lab"))
 
   round_fn = round_lib.build_round(exp.algorithm, exp.strategy, mesh=mesh)
@@ -332,7 +328,7 @@ def run_experiment(exp: Experiment, workdir: str,
         round_start = time.perf_counter()
         gathered = round_lib.gather_client_states(client_states,
                                                   cohort["client_indices"])
-        new_server_state, new_states, metrics = round_fn(
+        server_state, new_states, metrics = round_fn(
             server_state, round_lib.place_cohort(cohort, mesh), gathered,
             round_rng)
         metrics = _to_python(metrics)
@@ -359,7 +355,6 @@ def run_experiment(exp: Experiment, workdir: str,
                   f"the last good checkpoint (round {kept[-1]}) is kept in "
                   f"{checkpoints.directory}." if kept else
                   "no checkpoint was written yet."))
-        server_state = new_server_state
         client_states = round_lib.scatter_client_states(
             client_states, cohort["client_indices"], new_states, in_place=True)
         out_of_time = bool(config.get("max_seconds", 0)) and (
@@ -404,15 +399,14 @@ def run_experiment(exp: Experiment, workdir: str,
         if budget_spent:
           stopped_early = budget_spent
           break
+    if not last_eval:  # no round ran (e.g. the budget did not allow one)
+      last_eval = evaluate_split(server_state.params, "test")
+    save_checkpoint()
   finally:
     if progress is not None:
       progress.close()
     writer.close()
-
-  if not last_eval:  # no round ran (e.g. the budget did not allow one)
-    last_eval = evaluate_split(server_state.params, "test")
-  save_checkpoint()
-  checkpoints.close()
+    checkpoints.close()
   summary = {
       "final_eval_accuracy": last_eval.get("accuracy"),
       "final_eval_loss": last_eval.get("loss"),
