@@ -89,6 +89,12 @@ def privacy_defaults() -> ml_collections.ConfigDict:
       "calibrate": False,
       "noise_cohort_size": 0,
       "accounting_population": 0,
+      # < 0: DP noise and cohort sampling from a secret seed (kept only in
+      # checkpoints); >= 0: reproducible from this seed (not a private release).
+      "noise_seed": -1,
+      # Also write un-noised diagnostics (train loss, update norms, cohort
+      # size, ...) as diagnostic/<name>; not covered by epsilon.
+      "release_diagnostics": False,
       "adaptive": {"target_quantile": 0.5, "clip_learning_rate": 0.2,
                    "clipped_count_stddev": 0.0},
       "ftrl": {"rounds_per_tree": 0, "momentum": 0.0},

@@ -68,7 +68,9 @@ def _rows(results):
         "accuracy_mean": statistics.fmean(accs), "accuracy_min": min(accs),
         "accuracy_max": max(accs), "seeds": len(members),
         "rounds": members[0]["rounds"],
-        "seconds_mean": statistics.fmean(m["seconds"] for m in members)})
+        "seconds_mean": (statistics.fmean(m["seconds"] for m in members)
+                         if all(m["seconds"] is not None for m in members)
+                         else None)})
   return rows
 
 
@@ -82,7 +84,9 @@ def _markdown(rows, command: str, config) -> str:
       f"{config.num_rounds} rounds, sampling {config.sampling} "
       f"(rate {config.sampling_rate}, cohort {config.cohort_size}), clip norm "
       f"{config.privacy.clip_norm}, accountant {config.privacy.accountant}. "
-      "Accuracy is the final test accuracy (mean, and min-max over seeds).",
+      "Accuracy is the final test accuracy (mean, and min-max over seeds). "
+      "A DP run withholds its timings (they grow with the sampled clients' "
+      "data; docs/PRIVACY.md): s/run is shown for the non-private runs.",
       "",
       "| setting | noise multiplier | epsilon | delta | accuracy | min-max |"
       " seeds | s/run |",
@@ -95,7 +99,8 @@ def _markdown(rows, command: str, config) -> str:
         f"| {r['setting']} | {z} | {eps} | {delta} | "
         f"{100 * r['accuracy_mean']:.1f}% | {100 * r['accuracy_min']:.1f}-"
         f"{100 * r['accuracy_max']:.1f}% | {r['seeds']} | "
-        f"{r['seconds_mean']:.0f} |")
+        + ("-" if r["seconds_mean"] is None else f"{r['seconds_mean']:.0f}")
+        + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -164,7 +169,8 @@ def main(argv):
                       "delta": summary.get("delta"),
                       "final_eval_accuracy": summary["final_eval_accuracy"],
                       "rounds": summary["rounds"],
-                      "seconds": summary["seconds"]})
+                      # Withheld by DP runs (a diagnostic).
+                      "seconds": summary.get("seconds")})
       print(json.dumps(results[-1]), file=sys.stderr)
   rows = _rows(results)
   command = "python -m experiments.dp_tradeoff " + " ".join(sys.argv[1:])

@@ -18,8 +18,11 @@ Writes into OUT (default ``<first DIR>/plots``), skipping a plot no run has
 data for: ``eval_accuracy.png``, ``eval_loss.png`` and ``train_loss.png`` vs
 rounds (one line per run; with more than 100 rounds the per-round values are
 drawn faint under a moving average); ``epsilon.png`` vs rounds (DP runs
-only); ``accuracy_vs_epsilon.png`` (final accuracy against final epsilon, one
-point per DP run; runs without DP as dashed lines); ``per_client_accuracy.png``
+only; the axis names the neighbouring relation, or the legend each run's
+when they differ: add/remove and replace-one epsilons are not comparable);
+``accuracy_vs_epsilon.png`` (final accuracy against final epsilon, one
+point per DP run; runs without DP as dashed lines; relations named the same
+way); ``per_client_accuracy.png``
 (ECDF of per-client accuracies where a summary's ``personalization`` block or
 a record holds lists of them under keys naming an accuracy, e.g.
 ``global_accuracy`` and ``personalized_accuracy``). Prints the paths written.
@@ -213,6 +216,43 @@ def is_private(run: Run) -> bool:
   return bool(np.isfinite(series(run, "epsilon")[1]).any())
 
 
+def neighboring_relation(run: Run) -> str | None:
+  """Short name of the neighbouring relation a DP run's epsilon is under:
+  ``add/remove`` (Poisson), ``replace-one`` (fixed cohorts, local DP) or
+  ``replace-special`` (DP-FTRL's tree); None when unknown. Epsilons under
+  different relations are not comparable numbers."""
+  text = ((run.summary or {}).get("privacy") or {}).get(
+      "neighboring_relation", "")
+  for prefix, short in (("add/remove", "add/remove"),
+                        ("replace one client's", "replace-special"),
+                        ("replace one", "replace-one")):
+    if text.startswith(prefix):
+      return short
+  config = run.config or {}
+  mechanism = (config.get("privacy") or {}).get("mechanism", "none")
+  if mechanism == "tree":
+    return "replace-special"
+  if mechanism == "local" or (mechanism != "none" and
+                              config.get("sampling") in ("fixed", "shuffle")):
+    return "replace-one"
+  if mechanism != "none" and config.get("sampling") == "poisson":
+    return "add/remove"
+  return None
+
+
+def _relation_labels(runs: Sequence[Run]) -> tuple[str, dict[str, str]]:
+  """``(axis suffix, {run name: legend label})`` saying which relation each
+  epsilon uses: once on the axis when all agree, per run when they differ."""
+  relations = {run.name: neighboring_relation(run) for run in runs}
+  known = {r for r in relations.values() if r}
+  if len(known) <= 1:
+    suffix = f" ({known.pop()} neighbours)" if known else ""
+    return suffix, {run.name: run.name for run in runs}
+  return (" (relations differ: not comparable, see legend)",
+          {name: f"{name} [{relation or '?'}]"
+           for name, relation in relations.items()})
+
+
 def per_client_accuracies(run: Run) -> dict[str, np.ndarray]:
   """Per-client accuracy lists: the summary's ``personalization`` block and
   list-valued record keys naming an accuracy (the last record holding each)."""
@@ -268,13 +308,16 @@ def _finish(fig, ax, path: str, legend_entries: int) -> str:
 
 def plot_vs_rounds(runs: Sequence[Run], key: str, ylabel: str, path: str,
                    log_y_above: float = math.inf,
-                   vary_style: bool = False) -> str | None:
+                   vary_style: bool = False,
+                   labels: dict[str, str] | None = None) -> str | None:
   """``key`` against rounds, one line per run; None if no run has ``key``.
 
   The y axis is logarithmic when the positive values span more than a factor
   ``log_y_above``; ``vary_style`` cycles line styles so that runs with equal
-  curves (e.g. the same accountant) stay visible.
+  curves (e.g. the same accountant) stay visible. ``labels`` maps run names
+  to legend labels.
   """
+  labels = labels or {}
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   drawn, smoothed, positive = 0, False, []
@@ -289,11 +332,13 @@ def plot_vs_rounds(runs: Sequence[Run], key: str, ylabel: str, path: str,
       window = max(2, rounds.size // 50)
       ax.plot(rounds, values, color=color, alpha=0.25, linewidth=0.7)
       ax.plot(rounds, _moving_average(values, window), color=color,
-              label=run.name, linewidth=1.5, linestyle=style)
+              label=labels.get(run.name, run.name), linewidth=1.5,
+              linestyle=style)
       smoothed = True
     else:
-      ax.plot(rounds, values, color=color, label=run.name, linestyle=style,
-              marker="o" if rounds.size <= 30 else None, markersize=3)
+      ax.plot(rounds, values, color=color, label=labels.get(run.name, run.name),
+              linestyle=style, marker="o" if rounds.size <= 30 else None,
+              markersize=3)
   if not drawn:
     plt.close(fig)
     return None
@@ -319,6 +364,7 @@ def plot_accuracy_vs_epsilon(runs: Sequence[Run], path: str) -> str | None:
              if a is not None and e is not None and math.isfinite(e)]
   if not private:
     return None
+  suffix, labels = _relation_labels([r for r, _, _ in private])
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   colors = _colors(len(runs))
@@ -331,9 +377,9 @@ def plot_accuracy_vs_epsilon(runs: Sequence[Run], path: str) -> str | None:
                  label=f"{run.name} (no DP)")
     elif math.isfinite(epsilon):
       ax.scatter([epsilon], [100 * accuracy], color=color, zorder=3,
-                 label=run.name if in_legend else None)
+                 label=labels[run.name] if in_legend else None)
       if not in_legend:
-        ax.annotate(run.name, (epsilon, 100 * accuracy), fontsize=7,
+        ax.annotate(labels[run.name], (epsilon, 100 * accuracy), fontsize=7,
                     textcoords="offset points", xytext=(5, -3))
   epsilons = [e for _, _, e in private]
   if max(epsilons) > 10 * min(epsilons):
@@ -345,7 +391,8 @@ def plot_accuracy_vs_epsilon(runs: Sequence[Run], path: str) -> str | None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   deltas = {_number((r.summary or {}).get("delta")) for r, _, _ in private}
   delta = deltas.pop() if len(deltas) == 1 else None
-  ax.set_xlabel("final epsilon" + (f" at delta={delta:.2g}" if delta else ""))
+  ax.set_xlabel("final epsilon" + (f" at delta={delta:.2g}" if delta else "")
+                + suffix)
   ax.set_ylabel("final eval accuracy (%)")
   ax.set_title("accuracy vs privacy (one point per run)", fontsize=9)
   return _finish(fig, ax, path, len(points) - len(private) +
@@ -386,8 +433,10 @@ def make_plots(runs: Sequence[Run], out_dir: str) -> list[str]:
                      log_y_above=20),
       plot_vs_rounds(runs, "train_loss", "train loss (cohort mean)",
                      out("train_loss.png"), log_y_above=20),
-      plot_vs_rounds(private, "epsilon", "epsilon (accountant)",
-                     out("epsilon.png"), log_y_above=20, vary_style=True)
+      plot_vs_rounds(private, "epsilon",
+                     "epsilon (accountant)" + _relation_labels(private)[0],
+                     out("epsilon.png"), log_y_above=20, vary_style=True,
+                     labels=_relation_labels(private)[1])
       if private else None,
       plot_accuracy_vs_epsilon(runs, out("accuracy_vs_epsilon.png")),
       plot_per_client(runs, out("per_client_accuracy.png")),

@@ -55,9 +55,6 @@ def main(argv):
         file=sys.stderr)
   print(f"strategy: {experiment.strategy.label} on "
         f"{setup.describe_devices()}; workdir: {workdir}", file=sys.stderr)
-  if experiment.privacy is not None:
-    print(f"privacy: {json.dumps(experiment.privacy.describe())}",
-          file=sys.stderr)
   with cli.run_errors_exit():
     summary = loop.run_experiment(experiment, workdir,
                                   show_progress=_PROGRESS.value)

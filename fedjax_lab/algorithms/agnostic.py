@@ -136,8 +136,8 @@ def _index_names(keys: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
 
 
 def domain_ids_from(dataset: FederatedDataset, kind: str,
-                    separator: str = "/") -> tuple[np.ndarray,
-                                                   tuple[str, ...]]:
+                    separator: str = "/", num_labels: int | None = None
+                    ) -> tuple[np.ndarray, tuple[str, ...]]:
   """Assigns every training client of ``dataset`` to one domain.
 
   Args:
@@ -149,11 +149,15 @@ def domain_ids_from(dataset: FederatedDataset, kind: str,
       synthetic); ``"client_id_prefix"``: the part of the id before the
       first ``separator`` (the whole id if absent).
     separator: the prefix separator for ``"play"`` / ``"client_id_prefix"``.
+    num_labels: ``"majority_label"`` only: number domains by label,
+      ``D = num_labels`` whatever the clients' labels are (a DP run: which
+      labels are some client's majority is private, so it must not set the
+      number of domains or their numbering).
 
   Returns:
     ``(domain_ids, names)``: int32 ``[num_clients]`` ids in ``[0, D)`` and the
-    ``D`` domain names, sorted (labels as ``"label_<y>"``). Only domains
-    that some client belongs to are numbered.
+    ``D`` domain names, sorted (labels as ``"label_<y>"``). Without
+    ``num_labels`` only domains that some client belongs to are numbered.
 
   Raises:
     ValueError: unknown ``kind``, a ``"play"`` id without ``separator``, or
@@ -174,10 +178,18 @@ def domain_ids_from(dataset: FederatedDataset, kind: str,
       raise ValueError("kind='majority_label' needs integer class labels y "
                        f"[N], got shape {labels.shape} ({labels.dtype}).")
     owner = np.repeat(np.arange(store.num_clients), store.client_sizes)
-    counts = np.zeros([store.num_clients, int(labels.max(initial=0)) + 1],
-                      np.int64)
+    width = int(labels.max(initial=0)) + 1
+    if num_labels is not None:
+      if width > num_labels:
+        raise ValueError(f"labels go up to {width - 1} but num_labels is "
+                         f"{num_labels}.")
+      width = num_labels
+    counts = np.zeros([store.num_clients, width], np.int64)
     np.add.at(counts, (owner, labels), 1)
     majority = np.argmax(counts, axis=1)
+    if num_labels is not None:
+      return (majority.astype(np.int32),
+              tuple(f"label_{u}" for u in range(num_labels)))
     domain_ids, used = _index_names(majority)
     return domain_ids, tuple(f"label_{u}" for u in used)
   raise ValueError(f"kind must be one of {DOMAIN_KINDS}, got {kind!r}.")

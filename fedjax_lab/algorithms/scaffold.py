@@ -72,16 +72,23 @@ def _zeros_like_f32(tree: base.PyTree) -> base.PyTree:
   return jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
 
 
-def _with_cohort_size(aggregator: base.Aggregator) -> base.Aggregator:
-  """``aggregator`` whose aggregate also carries the round's real cohort size.
+def _with_cohort_size(aggregator: base.Aggregator,
+                      expected_cohort_size: float | None = None
+                      ) -> base.Aggregator:
+  """``aggregator`` whose aggregate also carries the cohort size ``|S|``.
 
   SCAFFOLD's server step scales the control-variate update by ``|S| / N``;
-  ``server_update`` does not see ``|S|``, so the finalize step attaches it.
+  ``server_update`` does not see ``|S|``, so the finalize step attaches it:
+  the round's real count, or ``expected_cohort_size`` when given (a DP run:
+  the realised size of a Poisson cohort is private, and the DP aggregate is
+  already a sum over the expected size).
   """
 
   def finalize(weighted_sum, total_weight, num_clients, state, rng):
     aggregate, state, metrics = aggregator.finalize(
         weighted_sum, total_weight, num_clients, state, rng)
+    if expected_cohort_size is not None:
+      num_clients = jnp.asarray(expected_cohort_size, jnp.float32)
     return (aggregate, num_clients), state, metrics
 
   return base.Aggregator(init=aggregator.init,
@@ -95,7 +102,9 @@ def scaffold(model: model_base.Model,
              option: str = "II",
              weighting: str = "uniform",
              aggregator: base.Aggregator | None = None,
-             num_clients: int | None = None) -> base.FederatedAlgorithm:
+             num_clients: int | None = None,
+             expected_cohort_size: float | None = None
+             ) -> base.FederatedAlgorithm:
   """SCAFFOLD (Karimireddy et al. 2020, ICML, Algorithm 1).
 
   Local training is plain SGD at ``client_learning_rate`` on the corrected
@@ -111,9 +120,12 @@ def scaffold(model: model_base.Model,
 
   Aggregation: the pair ``(y - x, c_i+ - c_i)`` is averaged as one pytree, so
   a DP aggregator clips the pair jointly (its L2 norm covers both the model
-  delta and the control-variate change) and noises both; the ``|S|`` in the
+  delta and the control-variate change) and noises both. The ``|S|`` in the
   control-variate step is the round's real cohort size as counted by the
-  engine, which a DP aggregator's fixed denominator would otherwise hide.
+  engine, except with ``expected_cohort_size`` (pass it with a DP
+  aggregator): then ``c += (E|S| / N) * noisy_sum / E|S| = noisy_sum / N``,
+  a function of the noised sum only; the realised size of a Poisson cohort
+  is private and must not reach the server state.
 
   Args:
     model: the model to train.
@@ -128,6 +140,8 @@ def scaffold(model: model_base.Model,
     weighting: ``"uniform"`` (Algorithm 1) or ``"num_examples"``.
     aggregator: how the ``(dy, dc)`` pairs are combined; default weighted mean.
     num_clients: the population size ``N`` (required).
+    expected_cohort_size: if given, the ``|S|`` of the control-variate step
+      (a DP run's fixed denominator) instead of the realised cohort size.
 
   Returns:
     The algorithm; ``client_state_init(params)`` gives one client's zero
@@ -148,7 +162,11 @@ def scaffold(model: model_base.Model,
                      f"{client_learning_rate!r}.")
   population = float(num_clients)
   lr = float(client_learning_rate)
-  wrapped = _with_cohort_size(aggregator or base.weighted_mean())
+  if expected_cohort_size is not None and not expected_cohort_size > 0:
+    raise ValueError("expected_cohort_size must be > 0, got "
+                     f"{expected_cohort_size!r}.")
+  wrapped = _with_cohort_size(aggregator or base.weighted_mean(),
+                              expected_cohort_size)
 
   def server_init(params):
     return base.ServerState(params=params,

@@ -16,6 +16,12 @@ exact no-ops: a step whose examples are all masked leaves the carry untouched
 client's randomness is ``fold_in(round_rng, client_index)``, so a client's
 result does not depend on where in the cohort (or in which padding) it sits.
 
+The aggregator's randomness (DP noise) comes from a separate ``noise_rng``
+when one is given: ``fold_in(noise_rng, round)`` for the round, folded with the
+client index for per-client (local DP) noise. A DP runner passes a secret key
+there, so the noise cannot be regenerated from the (public) training seed.
+Without it the noise keys derive from ``rng`` as before.
+
 An algorithm with a ``pre_round`` (:class:`~fedjax_lab.algorithms.base.
 PreRound`, e.g. Mime's full-batch gradient) gets a first pass over the same
 cohort, run by the same code (vectorisation, step loop, padding rules); its
@@ -161,8 +167,9 @@ def _over_group(fn, in_axes, group_size: int):
 def _group_fn(algorithm, step_loop: str, max_unroll_steps: int):
   """Trains a group of G clients together (vmapped), steps in a loop.
 
-  Returns ``run_group(broadcast, agg_state, round_rng, client_states,
-  features [G,S,B,..], mask [G,S,B], num_examples [G], client_indices [G]) ->
+  Returns ``run_group(broadcast, agg_state, round_rng, noise_round_rng,
+  client_states, features [G,S,B,..], mask [G,S,B], num_examples [G],
+  client_indices [G]) ->
   (delta, weight, client_state, metrics, transform_metrics)``, each with a
   leading ``[G]`` axis. A step in which no client of the group has a real
   example is skipped outright (``lax.cond`` outside the vmap), so bucket
@@ -170,8 +177,8 @@ def _group_fn(algorithm, step_loop: str, max_unroll_steps: int):
   """
   masked_step = _masked_step(algorithm)
 
-  def run_group(broadcast, agg_state, round_rng, client_states, features,
-                mask, num_examples, client_indices):
+  def run_group(broadcast, agg_state, round_rng, noise_round_rng,
+                client_states, features, mask, num_examples, client_indices):
     group_size = mask.shape[0]
     step = _over_group(masked_step, (0, 0, 0), group_size)
 
@@ -197,18 +204,22 @@ def _group_fn(algorithm, step_loop: str, max_unroll_steps: int):
         carry = step_or_skip(carry, *at_step(s))
     finish = lambda c, n, r: _finish_client(algorithm, broadcast, agg_state, c,
                                             n, r)
+    noise_rngs = _client_rngs(noise_round_rng, client_indices)
     return _over_group(finish, (0, 0, 0), group_size)(carry, num_examples,
-                                                      rngs)
+                                                      noise_rngs)
 
   return run_group
 
 
 def _finish_client(algorithm, broadcast, agg_state, carry, num_examples,
-                   client_rng):
+                   client_noise_rng):
+  """``client_final`` then the aggregator's per-client transform, whose key
+  is ``fold_in(client_noise_rng, tag)`` (the client's key in the round's
+  noise stream)."""
   update = algorithm.client_final(broadcast, carry, num_examples)
   delta, weight, transform_metrics = algorithm.aggregator.client_transform(
       update.delta, update.weight, agg_state,
-      jax.random.fold_in(client_rng, _AGGREGATOR_RNG_TAG))
+      jax.random.fold_in(client_noise_rng, _AGGREGATOR_RNG_TAG))
   return delta, weight, update.client_state, update.metrics, transform_metrics
 
 
@@ -267,28 +278,50 @@ def _pad_clients(tree, multiple: int):
   return jax.tree.map(f, tree)
 
 
-def _finish_round(algorithm, server_state, agg_state, sums, num_clients, rng):
+# Where each round metric comes from (``round_fn.metric_origins()``): the
+# clients' own training (``client``), the aggregator's per-client transform
+# (``client_transform``), its finalize step on the sum (``aggregator``), the
+# server update on the aggregate (``server``), or the engine's bookkeeping
+# (``engine``). A DP run's release policy decides from this what it may
+# publish (fedjax_lab.privacy.release).
+ORIGINS = ("client", "client_transform", "aggregator", "server", "engine")
+
+
+def _finish_round(algorithm, server_state, agg_state, sums, num_clients,
+                  noise_round_rng, origins=None):
   weighted_sum, total_weight, metric_sums, transform_sums = sums
   aggregate, agg_state, agg_metrics = algorithm.aggregator.finalize(
       weighted_sum, total_weight, num_clients, agg_state,
-      jax.random.fold_in(rng, _AGGREGATOR_RNG_TAG))
+      jax.random.fold_in(noise_round_rng, _AGGREGATOR_RNG_TAG))
   server_state = server_state._replace(aggregator_state=agg_state)
   metrics = {k: v / jnp.maximum(n, 1e-12) for k, (v, n) in metric_sums.items()}
+  client_metric_names = list(metrics)
   if algorithm.server_update_uses_client_metrics:
     server_state, server_metrics = algorithm.server_update(
         server_state, aggregate, dict(metrics))
   else:
     server_state, server_metrics = algorithm.server_update(server_state,
                                                            aggregate)
-  metrics.update({k: v / jnp.maximum(num_clients, 1.0)
-                  for k, v in transform_sums.items()})
+  transform_metrics = {k: v / jnp.maximum(num_clients, 1.0)
+                       for k, v in transform_sums.items()}
+  metrics.update(transform_metrics)
   metrics.update(agg_metrics)
   metrics.update(server_metrics)
-  metrics["num_clients"] = num_clients
-  metrics["total_weight"] = total_weight
-  metrics["params_finite"] = jnp.all(jnp.asarray(
-      [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(server_state.params)]
-  )).astype(jnp.float32)
+  engine_metrics = {
+      "num_clients": num_clients, "total_weight": total_weight,
+      "params_finite": jnp.all(jnp.asarray(
+          [jnp.all(jnp.isfinite(p))
+           for p in jax.tree.leaves(server_state.params)])).astype(
+               jnp.float32)}
+  metrics.update(engine_metrics)
+  if origins is not None:
+    # Later sources overwrite earlier ones of the same name, as in metrics.
+    for origin, names in (("client", client_metric_names),
+                          ("client_transform", transform_metrics),
+                          ("aggregator", agg_metrics),
+                          ("server", server_metrics),
+                          ("engine", engine_metrics)):
+      origins.update({name: origin for name in names})
   return server_state, metrics
 
 
@@ -305,12 +338,16 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     donate: donate the server state and client states buffers to the round.
 
   Returns:
-    ``round_fn(server_state, cohort, client_states, rng) -> (server_state,
-    client_states, metrics)``; ``rng`` is the run's base key (the round's key
-    is ``fold_in(rng, server_state.round)``). ``round_fn.trace_count()`` says
-    how many times it was traced (compiled).
+    ``round_fn(server_state, cohort, client_states, rng, noise_rng=None) ->
+    (server_state, client_states, metrics)``; ``rng`` is the run's base key
+    (the round's key is ``fold_in(rng, server_state.round)``); ``noise_rng``,
+    if given, keys the aggregator's noise instead (``fold_in(noise_rng,
+    round)``; a DP run passes a secret key). ``round_fn.trace_count()`` says
+    how many times it was traced (compiled); ``round_fn.metric_origins()``
+    maps each metric name to one of :data:`ORIGINS` (filled when traced).
   """
   trace_counter = [0]
+  origins: dict[str, str] = {}
   run_group = _group_fn(algorithm, strategy.step_loop,
                         strategy.max_unroll_steps)
   pre_run_group = None
@@ -326,7 +363,7 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
         lambda a: jax.lax.with_sharding_constraint(a, spec), tree)
 
   def clients_phase(run_group, server_state, cohort, client_states,
-                    round_rng):
+                    round_rng, noise_round_rng):
     broadcast = algorithm.broadcast(server_state)
     agg_state = server_state.aggregator_state
     per_client = (client_states, cohort["features"], cohort["example_mask"],
@@ -334,7 +371,8 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     per_client = shard(per_client)
     client_mask = shard(cohort["client_mask"])
     if strategy.client_parallel == "vmap":
-      outputs = run_group(broadcast, agg_state, round_rng, *per_client)
+      outputs = run_group(broadcast, agg_state, round_rng, noise_round_rng,
+                          *per_client)
       return _sum_clients(outputs, client_mask), outputs[2]
 
     chunk = 1 if strategy.client_parallel == "map" else strategy.chunk_size
@@ -346,7 +384,8 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
 
     def body(acc, xs):
       inputs, mask = xs
-      out = run_group(broadcast, agg_state, round_rng, *inputs)
+      out = run_group(broadcast, agg_state, round_rng, noise_round_rng,
+                      *inputs)
       sums = _sum_clients(out, mask)
       return (sums if acc is None else _add(acc, sums)), out[2]
 
@@ -357,31 +396,46 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     states = _unchunk(states, strided)
     return sums, jax.tree.map(lambda a: a[:num_clients], states)
 
-  def round_fn(server_state, cohort, client_states, rng):
+  def round_fn(server_state, cohort, client_states, rng, noise_rng=None):
     trace_counter[0] += 1
     round_rng = jax.random.fold_in(rng, server_state.round)
+    noise_round_rng = _noise_round_rng(round_rng, noise_rng,
+                                       server_state.round)
     if pre_run_group is not None:
+      pre_rng = jax.random.fold_in(round_rng, _PRE_ROUND_RNG_TAG)
       pre_sums, _ = clients_phase(
-          pre_run_group, server_state, cohort, client_states,
-          jax.random.fold_in(round_rng, _PRE_ROUND_RNG_TAG))
+          pre_run_group, server_state, cohort, client_states, pre_rng,
+          pre_rng)
       server_state = _absorb(algorithm.pre_round, server_state, pre_sums)
     sums, new_states = clients_phase(run_group, server_state, cohort,
-                                     client_states, round_rng)
+                                     client_states, round_rng,
+                                     noise_round_rng)
     num_clients = jnp.sum(cohort["client_mask"])
     server_state, metrics = _finish_round(algorithm, server_state,
                                           server_state.aggregator_state, sums,
-                                          num_clients, round_rng)
+                                          num_clients, noise_round_rng,
+                                          origins)
     return server_state, new_states, metrics
 
   if strategy.step_loop == "host":
-    fn = _build_host_loop_round(algorithm, donate, trace_counter, shard)
+    fn = _build_host_loop_round(algorithm, donate, trace_counter, shard,
+                                origins)
   else:
     fn = jax.jit(round_fn, donate_argnums=(0, 2) if donate else ())
   fn.trace_count = lambda: trace_counter[0]
+  fn.metric_origins = lambda: dict(origins)
   return fn
 
 
-def _build_host_loop_round(algorithm, donate, trace_counter, shard):
+def _noise_round_rng(round_rng, noise_rng, round_index):
+  """The round's key for the aggregator's noise: from ``noise_rng`` when
+  given, else (as before it existed) the round's training key."""
+  if noise_rng is None:
+    return round_rng
+  return jax.random.fold_in(noise_rng, round_index)
+
+
+def _build_host_loop_round(algorithm, donate, trace_counter, shard, origins):
   """vmap over clients, Python loop over steps calling one jitted step."""
   step = jax.vmap(_masked_step(algorithm))
 
@@ -397,30 +451,33 @@ def _build_host_loop_round(algorithm, donate, trace_counter, shard):
   jitted_step = jax.jit(step, donate_argnums=(0,) if donate else ())
 
   @jax.jit
-  def finish(server_state, carry, cohort, rng):
+  def finish(server_state, carry, cohort, rng, noise_rng):
     round_rng = jax.random.fold_in(rng, server_state.round)
+    noise_round_rng = _noise_round_rng(round_rng, noise_rng,
+                                       server_state.round)
     broadcast = algorithm.broadcast(server_state)
     agg_state = server_state.aggregator_state
-    rngs = _client_rngs(round_rng, cohort["client_indices"])
+    rngs = _client_rngs(noise_round_rng, cohort["client_indices"])
     outputs = jax.vmap(
         lambda c, n, r: _finish_client(algorithm, broadcast, agg_state, c, n,
                                        r))(carry, cohort["num_examples"], rngs)
     sums = _sum_clients(outputs, shard(cohort["client_mask"]))
     num_clients = jnp.sum(cohort["client_mask"])
     server_state, metrics = _finish_round(algorithm, server_state, agg_state,
-                                          sums, num_clients, round_rng)
+                                          sums, num_clients, noise_round_rng,
+                                          origins)
     return server_state, outputs[2], metrics
 
   pre_pass = None
   if algorithm.pre_round is not None:
     pre_pass = _host_pre_round(algorithm, donate, shard)
 
-  def round_fn(server_state, cohort, client_states, rng):
+  def round_fn(server_state, cohort, client_states, rng, noise_rng=None):
     if pre_pass is not None:
       server_state = pre_pass(server_state, cohort, client_states, rng)
     carry = init(server_state, client_states, cohort["client_indices"], rng)
     carry = _host_steps(jitted_step, carry, cohort)
-    return finish(server_state, carry, cohort, rng)
+    return finish(server_state, carry, cohort, rng, noise_rng)
 
   return round_fn
 

@@ -205,8 +205,8 @@ def run_audit(experiment: Experiment, workdir: str, num_canaries: int,
   Returns:
     The report written to ``audit.json`` (strict JSON values).
   """
-  from fedjax_lab.training import checkpoint  # pylint: disable=g-import-not-at-top
   from fedjax_lab.training import loop  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.training import privacy_run  # pylint: disable=g-import-not-at-top
   from fedjax_lab.training import metrics_io  # pylint: disable=g-import-not-at-top
 
   delta = canaries_lib.resolve_delta(experiment, delta)
@@ -216,13 +216,15 @@ def run_audit(experiment: Experiment, workdir: str, num_canaries: int,
   config = audited.config
   initial_params = audited.model.init(
       jax.random.fold_in(jax.random.key(config.seed), 0))
-  final_state = checkpoint.load_pytree(
-      os.path.join(workdir, loop.FINAL_STATE_FILE),
-      like=audited.algorithm.server_init(initial_params))
-  report = audit_report(initial_params, final_state.params, canaries, delta,
-                        null)
+  final_params = loop.load_final_state(
+      workdir, audited.algorithm.server_init(initial_params))
+  if hasattr(final_params, "params"):  # a non-private run's server state
+    final_params = final_params.params
+  report = audit_report(initial_params, final_params, canaries, delta, null)
   rounds = int(summary["rounds"])
-  participation = canary_participation(audited.sampler, canaries, rounds)
+  # The cohorts the run really drew (a DP run samples with its secret seed).
+  participation = canary_participation(
+      privacy_run.run_sampler(audited, workdir), canaries, rounds)
   plan = getattr(audited, "privacy", None)
   report.update({
       "accountant_epsilon": summary.get("epsilon"),

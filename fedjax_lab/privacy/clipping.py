@@ -31,10 +31,17 @@ def clip_to_norm(tree: PyTree, clip_norm: jax.Array | float
 
   ``tree * min(1, clip_norm / ||tree||)``: updates already inside the ball
   are unchanged, longer ones keep their direction. An infinite ``clip_norm``
-  is the identity. Returns ``(clipped_tree, norm_before_clipping)``.
+  is the identity. A tree with a non-finite norm (NaN/inf anywhere, e.g. a
+  client whose local training diverged) becomes all zeros: NaN would carry
+  through the noised sum and break the bound ``||clipped|| <= clip_norm``
+  the DP guarantee rests on. Returns ``(clipped_tree,
+  norm_before_clipping)``.
   """
   norm = global_norm(tree)
+  finite = jnp.isfinite(norm)
   clip_norm = jnp.asarray(clip_norm, jnp.float32)
   scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
-  clipped = jax.tree.map(lambda leaf: (leaf * scale).astype(leaf.dtype), tree)
+  clipped = jax.tree.map(
+      lambda leaf: jnp.where(finite, leaf * scale, 0).astype(leaf.dtype),
+      tree)
   return clipped, norm

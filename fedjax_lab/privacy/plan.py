@@ -15,6 +15,20 @@ The ``privacy`` block (``configs/common.py`` has the defaults):
   for that cohort (sampling rate ``noise_cohort_size / population``).
 * ``accounting_population``: > 0 accounts for a population of this size
   instead of the dataset's number of training clients.
+
+  Both make the reported epsilon a statement about a hypothetical deployment
+  (a larger cohort or population than the simulation has); the run warns,
+  and its summary gives the epsilon of the simulated run beside it
+  (``epsilon_simulated_run``).
+* ``noise_seed``: < 0 (default) draws the DP noise and the cohort sampling
+  from a secret seed kept only in checkpoints
+  (:mod:`fedjax_lab.privacy.secret_seed`); >= 0 makes them reproducible from
+  the config, for simulation studies (every output then says the noise is
+  seeded: the run is not a private release).
+* ``release_diagnostics``: also write the metrics computed from clients' data
+  without noise (training loss, update norms, cohort size, ...), labelled
+  ``diagnostic/<name>``; they are not covered by epsilon
+  (:mod:`fedjax_lab.privacy.release`).
 * ``adaptive``: ``target_quantile``, ``clip_learning_rate``,
   ``clipped_count_stddev`` (0 = max(expected cohort / 20, noise_multiplier)).
 * ``ftrl``: ``rounds_per_tree`` (0 = one epoch), ``momentum``.
@@ -37,6 +51,17 @@ from fedjax_lab.privacy import aggregators
 from fedjax_lab.privacy import tree
 
 MECHANISMS = ("none", "gaussian", "adaptive", "tree", "local")
+# Noise levels and targets beyond these make a run meaningless; it warns.
+NOISE_MULTIPLIER_WARN_ABOVE = 50.0
+TARGET_EPSILON_WARN_BELOW = 0.01
+EPSILON_WARN_ABOVE = 10.0
+_RELATIONS = {
+    "add_or_remove_one": "add/remove one client (all of its data)",
+    "replace_one": "replace one client (all of its data) by another",
+    "replace_special": "replace one client's contributions by zero (tree "
+                       "aggregation: each client in at most one round per "
+                       "epoch)",
+}
 _ACCOUNTED_AS = {"gaussian": "gaussian", "adaptive": "gaussian",
                  "tree": "tree", "local": "local"}
 
@@ -54,6 +79,14 @@ class PrivacyPlan:
     target_epsilon: 0, or the budget training must stay within.
     simulated_cohort_size: expected number of clients really trained.
     settings: the raw ``privacy`` block (adaptive / ftrl options).
+    delta_from_config: whether ``delta`` was set (else ``1/population**1.1``).
+    simulated_spec: the accounting of the run as simulated, when ``spec`` is
+      that of a hypothetical deployment (``noise_cohort_size`` or
+      ``accounting_population``); else None.
+    noise_seed: ``>= 0``: the configured reproducible noise seed; ``-1``:
+      secret (drawn by the runner, kept in checkpoints).
+    release_diagnostics: write un-noised diagnostics, labelled.
+    warnings: settings that make the guarantee or the run meaningless.
   """
 
   mechanism: str
@@ -64,6 +97,22 @@ class PrivacyPlan:
   target_epsilon: float
   simulated_cohort_size: float
   settings: Any
+  delta_from_config: bool = True
+  simulated_spec: accounting.AccountingSpec | None = None
+  noise_seed: int = -1
+  release_diagnostics: bool = False
+  warnings: tuple[str, ...] = ()
+
+  @property
+  def noise_seeded(self) -> bool:
+    """Whether the noise (and cohort sampling) is reproducible from the
+    config."""
+    return self.noise_seed >= 0
+
+  @property
+  def hypothetical(self) -> bool:
+    """Whether the reported epsilon is for a deployment other than the run."""
+    return self.simulated_spec is not None
 
   @property
   def noise_multiplier(self) -> float:
@@ -101,25 +150,66 @@ class PrivacyPlan:
                 step, node_std * self.simulated_cohort_size)}
 
   def describe(self) -> dict[str, Any]:
-    """JSON-ready summary of the mechanism and its accounting."""
+    """The privacy report (JSON-ready): what is protected, under which
+    relation, how delta was chosen, the accounting, the noise's secrecy."""
     spec = self.spec
-    out = {"mechanism": self.mechanism, "accountant": spec.accountant,
+    relation = accounting.neighboring_relation(spec).name.lower()
+    out = {"unit": "user-level: every example of a client is protected "
+                   "together",
+           "neighboring_relation": _RELATIONS.get(relation, relation),
+           "mechanism": self.mechanism, "accountant": spec.accountant,
            "sampling": spec.sampling, "population": spec.population,
            "noise_multiplier": self.noise_multiplier,
            "clip_norm": self.clip_norm, "delta": self.delta,
+           "delta_chosen": ("privacy.delta" if self.delta_from_config else
+                            f"default 1/population^1.1 (population "
+                            f"{spec.population})"),
            "calibrated": self.calibrated,
            "target_epsilon": self.target_epsilon or None,
            "accounted_cohort_size": spec.expected_cohort_size,
-           "simulated_cohort_size": self.simulated_cohort_size}
+           "simulated_cohort_size": self.simulated_cohort_size,
+           "noise": (
+               f"SEEDED (privacy.noise_seed={self.noise_seed}): the noise and "
+               "the cohorts can be regenerated from config.json, so this run's "
+               "outputs are not a private release" if self.noise_seeded else
+               "secret: noise and cohort sampling come from a 64-bit seed "
+               "drawn from the OS's entropy, kept only in the checkpoints"),
+           "evaluation": (
+               "eval_* metrics score the released model on the evaluation "
+               "split; with a per-client split (every built-in dataset) those "
+               "are held-out examples of the same users, which epsilon does "
+               "not cover: treat them as a benchmark statistic, or evaluate "
+               "on data from outside the population"),
+           "warnings": list(self.warnings)}
     if spec.sampling == "poisson":
       out["sampling_rate"] = spec.sampling_rate
-    if not math.isclose(spec.expected_cohort_size,
-                        self.simulated_cohort_size):
-      out["note"] = (
-          f"epsilon is accounted for a cohort of {spec.expected_cohort_size:g}"
-          f" clients out of {spec.population}, whose noise level was added to "
-          f"a simulated cohort of {self.simulated_cohort_size:g}")
+    if self.hypothetical:
+      sim = self.simulated_spec
+      parts = []
+      if not math.isclose(spec.expected_cohort_size,
+                          self.simulated_cohort_size):
+        parts.append(f"a cohort of {spec.expected_cohort_size:g} clients "
+                     f"(noise of that cohort added to a simulated cohort of "
+                     f"{self.simulated_cohort_size:g})")
+      if spec.population != sim.population:
+        parts.append(f"a population of {spec.population} (the simulation "
+                     f"has {sim.population})")
+      out["note"] = ("epsilon is accounted for a hypothetical deployment "
+                     f"with {' and '.join(parts)}; epsilon_simulated_run is "
+                     "the guarantee of the run as simulated")
+      out["simulated_run"] = {
+          "population": sim.population,
+          "noise_multiplier": sim.noise_multiplier,
+          "sampling_rate": sim.sampling_rate if sim.sampling == "poisson"
+                           else None,
+          "cohort_size": sim.cohort_size or None}
     return out
+
+  def epsilon_simulated_run(self, rounds: int) -> float:
+    """epsilon at ``delta`` of ``rounds`` rounds of the run as simulated
+    (= the reported epsilon unless :attr:`hypothetical`)."""
+    return accounting.epsilon(self.simulated_spec or self.spec, rounds,
+                              self.delta)
 
 
 def default_delta(population: int) -> float:
@@ -168,6 +258,11 @@ def build_plan(privacy: Any, *, sampling: str, num_clients: int,
     raise accounting.PrivacyError(
         "privacy.noise_cohort_size is not supported with sampling='shuffle' "
         "(DP-FTRL's epochs are defined by the simulated cohort).")
+  if (privacy.get("accounting_population", 0) or 0) and sampling == "shuffle":
+    raise accounting.PrivacyError(
+        "privacy.accounting_population is not supported with "
+        "sampling='shuffle' (DP-FTRL's trees follow the simulated epochs; a "
+        "larger population would put a client in several rounds of a tree).")
   population, accounted_cohort, rate, simulated = _population_and_cohort(
       privacy, sampling=sampling, num_clients=num_clients,
       cohort_size=cohort_size, sampling_rate=sampling_rate)
@@ -182,6 +277,7 @@ def build_plan(privacy: Any, *, sampling: str, num_clients: int,
       cohort_size=accounted_cohort, mechanism=_ACCOUNTED_AS[mechanism],
       accountant=privacy.get("accountant", "rdp"),
       rounds_per_tree=int(privacy.get("ftrl", {}).get("rounds_per_tree", 0)))
+  delta_from_config = bool(privacy.get("delta", 0.0))
   delta = float(privacy.get("delta", 0.0)) or default_delta(population)
   if not 0 < delta < 1.0 / population:
     raise accounting.PrivacyError(
@@ -204,10 +300,90 @@ def build_plan(privacy: Any, *, sampling: str, num_clients: int,
         "privacy.noise_multiplier is 0, so epsilon is infinite after one round"
         f" and target_epsilon={target} cannot be met; set a noise multiplier "
         "or privacy.calibrate=True.")
+  noise_seed = int(privacy.get("noise_seed", -1))
   return PrivacyPlan(mechanism=mechanism, spec=spec, delta=delta,
                      clip_norm=clip_norm,
                      calibrated=calibrated, target_epsilon=target,
-                     simulated_cohort_size=simulated, settings=privacy)
+                     simulated_cohort_size=simulated, settings=privacy,
+                     delta_from_config=delta_from_config,
+                     simulated_spec=_simulated_spec(
+                         spec, num_clients=num_clients, simulated=simulated,
+                         sampling_rate=sampling_rate),
+                     noise_seed=max(noise_seed, -1),
+                     release_diagnostics=bool(
+                         privacy.get("release_diagnostics", False)),
+                     warnings=tuple(_warnings(spec, target, calibrated)))
+
+
+def _simulated_spec(spec: accounting.AccountingSpec, *, num_clients: int,
+                    simulated: float, sampling_rate: float
+                    ) -> accounting.AccountingSpec | None:
+  """The accounting of the run as simulated, when ``spec`` accounts for a
+  larger cohort (``noise_cohort_size``) or population
+  (``accounting_population``); None when they are the same.
+
+  With a noise cohort of M clients the simulated cohort of m gets noise std
+  ``z C m / M`` on its sum: noise multiplier ``z m / M`` for the m clients
+  really sampled from the dataset's population.
+  """
+  if (spec.population == num_clients and
+      math.isclose(spec.expected_cohort_size, simulated)):
+    return None
+  multiplier = spec.noise_multiplier
+  if spec.mechanism != "local":
+    multiplier *= simulated / spec.expected_cohort_size
+  if spec.sampling == "poisson":
+    return dataclasses.replace(spec, noise_multiplier=multiplier,
+                               population=num_clients,
+                               sampling_rate=sampling_rate)
+  return dataclasses.replace(spec, noise_multiplier=multiplier,
+                             population=num_clients,
+                             cohort_size=int(round(simulated)))
+
+
+def _warnings(spec: accounting.AccountingSpec, target: float,
+              calibrated: bool) -> list[str]:
+  """Settings that make the guarantee (or the training) meaningless."""
+  out = []
+  z = spec.noise_multiplier
+  if z == 0:
+    out.append("noise_multiplier is 0: no noise is added and epsilon is "
+               "infinite; nothing this run releases is private (set "
+               "privacy.mechanism=none for a non-private baseline).")
+  elif z > NOISE_MULTIPLIER_WARN_ABOVE:
+    out.append(
+        f"noise_multiplier={z:.4g}{' (calibrated)' if calibrated else ''} "
+        f"> {NOISE_MULTIPLIER_WARN_ABOVE:g}: the noise on each coordinate of "
+        "the sum is that many clip norms, so training is unlikely to learn "
+        "anything; raise target_epsilon, the cohort or the number of rounds' "
+        "budget.")
+  if 0 < target < TARGET_EPSILON_WARN_BELOW:
+    out.append(f"target_epsilon={target:g} < {TARGET_EPSILON_WARN_BELOW:g}: "
+               "a budget this small leaves noise that swamps any update.")
+  return out
+
+
+def check_private_algorithm(algorithm: base.FederatedAlgorithm) -> None:
+  """Refuses an algorithm through which client data would reach the server
+  state outside the DP aggregator (the clipped, noised sum).
+
+  The engine gives the server two such paths: a ``pre_round`` pass whose
+  exact mean the server absorbs (Mime's full-batch gradient) and
+  ``server_update_uses_client_metrics`` (the round's un-noised client
+  metric means, e.g. adaptive FedProx's loss). Neither is accounted.
+
+  Raises:
+    accounting.PrivacyError: naming the path.
+  """
+  if algorithm.pre_round is not None:
+    raise accounting.PrivacyError(
+        f"{algorithm.name} absorbs an un-noised pre-round mean of the "
+        "cohort's data into the server state, which no DP mechanism here "
+        "accounts for.")
+  if algorithm.server_update_uses_client_metrics:
+    raise accounting.PrivacyError(
+        f"{algorithm.name}'s server update reads the round's un-noised client "
+        "metrics, which no DP mechanism here accounts for.")
 
 
 def build_aggregator(plan: PrivacyPlan) -> base.Aggregator:
@@ -226,21 +402,22 @@ def build_aggregator(plan: PrivacyPlan) -> base.Aggregator:
         clipped_count_stddev=adaptive.get("clipped_count_stddev", 0.0),
         noise_cohort_size=noise_cohort)
   if plan.mechanism == "tree":
-    # DP-FTRL: clip and average here; the noise lives in the server optimizer.
-    return aggregators.gaussian_sum(plan.clip_norm, 0.0,
-                                    plan.simulated_cohort_size)
+    # DP-FTRL: clipped mean plus the increment of the tree's prefix-sum
+    # noise; the server optimizer is plain SGD (with momentum) on it.
+    return tree.tree_aggregator(
+        plan.clip_norm, plan.noise_multiplier, plan.simulated_cohort_size,
+        plan.spec.rounds_per_tree or plan.spec.rounds_per_epoch)
   if plan.mechanism == "local":
     return aggregators.local_gaussian(plan.clip_norm, plan.noise_multiplier)
   raise ValueError(f"no aggregator for mechanism {plan.mechanism!r}")
 
 
-def build_ftrl_server_optimizer(plan: PrivacyPlan, learning_rate: float,
-                                seed: int) -> optax.GradientTransformation:
-  """DP-FTRL's server optimizer for ``plan`` (mechanism ``"tree"``)."""
-  ftrl = plan.settings.get("ftrl", {})
-  return tree.dp_ftrl(
-      learning_rate=learning_rate,
-      noise_std=(plan.noise_multiplier * plan.clip_norm /
-                 plan.simulated_cohort_size),
-      steps_per_tree=plan.spec.rounds_per_tree or plan.spec.rounds_per_epoch,
-      momentum=ftrl.get("momentum", 0.0), seed=seed)
+def build_ftrl_server_optimizer(plan: PrivacyPlan, learning_rate: float
+                                ) -> optax.GradientTransformation:
+  """DP-FTRL's server optimizer for ``plan`` (mechanism ``"tree"``): SGD
+  with ``privacy.ftrl.momentum`` (DP-FTRLM) on the noisy increments of the
+  tree's prefix sums that :func:`fedjax_lab.privacy.tree.tree_aggregator`
+  releases; momentum carries over tree restarts, as in Kairouz et al.
+  2021."""
+  momentum = plan.settings.get("ftrl", {}).get("momentum", 0.0)
+  return optax.sgd(learning_rate, momentum=momentum or None)

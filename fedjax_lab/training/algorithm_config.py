@@ -76,6 +76,14 @@ def check_algorithm_config(config, mechanism: str, error: type) -> None:
         f"privacy.mechanism='tree' noises the server optimizer's input, but "
         f"{algorithm} updates its statistics outside it; use "
         "privacy.mechanism='gaussian' or 'adaptive'.")
+  if (algorithm == "hypcluster" and mechanism != "none" and
+      config.get("hypcluster", {}).get("init", "kmeans") != "random"):
+    raise error(
+        "hypcluster.init='kmeans' trains candidate clients without clipping "
+        "or noise and starts the clusters from their local models, which "
+        "would publish single clients' models (epsilon covers nothing of "
+        "it); with privacy.mechanism="
+        f"{mechanism!r} set --config.hypcluster.init=random.")
   method = config.get("compression", {}).get("method", "none")
   if method not in COMPRESSION_METHODS:
     raise error(f"compression.method must be one of {COMPRESSION_METHODS}, "
@@ -137,7 +145,7 @@ def build_algorithm(config, model,
                                config.client.get("hparams", {}))
   if privacy is not None and privacy.mechanism == "tree":
     server_opt = privacy_plan.build_ftrl_server_optimizer(
-        privacy, config.server.learning_rate, config.seed)
+        privacy, config.server.learning_rate)
   else:
     server_opt = build_optimizer(config.server.optimizer,
                                  config.server.learning_rate,
@@ -166,7 +174,9 @@ def _uncompressed(config, model, client_opt, server_opt, aggregator, privacy,
     return scaffold.scaffold(  # named scaffold_I / scaffold_II
         model, config.client.learning_rate, server_opt,
         option=config.get("scaffold", {}).get("option", "II"),
-        weighting=weighting, aggregator=aggregator, num_clients=num_clients)
+        weighting=weighting, aggregator=aggregator, num_clients=num_clients,
+        expected_cohort_size=(privacy.simulated_cohort_size
+                              if privacy is not None else None))
   if name == "fedprox":
     prox = config.get("fedprox", {})
     return fedprox.fedprox(
@@ -195,14 +205,18 @@ def _uncompressed(config, model, client_opt, server_opt, aggregator, privacy,
         aggregator=aggregator)
   if name == "agnostic_fedavg":
     block = config.agnostic_fedavg
-    ids = _client_domains(config, dataset)
-    num_domains = int(ids.max()) + 1
+    ids, names = _client_domains(config, dataset)
+    num_domains = len(names)
     sizes = (dataset.train.client_sizes if weighting == "num_examples"
              else None)
+    # The population's domain shares are a statistic of every client's data:
+    # a DP run starts from uniform shares instead.
+    window = (agnostic.domain_fractions(ids, num_domains, sizes)
+              if privacy is None else None)
     return agnostic.agnostic_fedavg(
         model, client_opt, server_opt, num_domains,
         block.domain_learning_rate,
-        init_domain_window=agnostic.domain_fractions(ids, num_domains, sizes),
+        init_domain_window=window,
         window_size=block.window_size,
         min_window_fraction=block.min_window_fraction or None,
         weighting=weighting, aggregator=aggregator,
@@ -225,12 +239,17 @@ def _uncompressed(config, model, client_opt, server_opt, aggregator, privacy,
                        aggregator=aggregator, name=name)
 
 
-def _client_domains(config, dataset) -> np.ndarray:
-  """Agnostic FL: each training client's domain id (``[num_clients]``)."""
+def _client_domains(config, dataset) -> tuple[np.ndarray, tuple[str, ...]]:
+  """Agnostic FL: each training client's domain id (``[num_clients]``) and
+  the domain names. In a DP run majority-label domains are numbered by label
+  over all ``num_classes`` (which labels occur is private); play and id-prefix
+  domains come from client ids, which are public metadata."""
   block = config.agnostic_fedavg
-  ids, _ = agnostic.domain_ids_from(dataset, block.domain_kind,
-                                    block.get("domain_separator", "/"))
-  return ids
+  private = config.get("privacy", {}).get("mechanism", "none") != "none"
+  return agnostic.domain_ids_from(
+      dataset, block.domain_kind, block.get("domain_separator", "/"),
+      num_labels=(dataset.num_classes if private and
+                  block.domain_kind == "majority_label" else None))
 
 
 def client_states_init(config, dataset, algorithm: base.FederatedAlgorithm
@@ -239,7 +258,8 @@ def client_states_init(config, dataset, algorithm: base.FederatedAlgorithm
   alike (agnostic FL: each client's domain id), else None."""
   if config.algorithm != "agnostic_fedavg":
     return None
-  domains = agnostic.client_domain_states(_client_domains(config, dataset))
+  ids, names = _client_domains(config, dataset)
+  domains = agnostic.client_domain_states(ids, len(names))
 
   def init(params, num_clients):
     # A fresh store per call: the runner writes client rows in place.

@@ -35,13 +35,18 @@ from fedjax_lab.privacy import accounting
 from fedjax_lab.training import checkpoint
 from fedjax_lab.training import metrics_io
 from fedjax_lab.training import personalize as personalize_lib
+from fedjax_lab.training import privacy_run
 from fedjax_lab.training import resume
+from fedjax_lab.training import setup
 from fedjax_lab.training import sinks
 from fedjax_lab.training.setup import Experiment, describe_devices
 
 
 # The server state after the last round (load with checkpoint.load_pytree and
-# a freshly initialised server state as the template).
+# a freshly initialised server state as the template). In a DP run it holds
+# the model parameters only (the release): the rest of the server state
+# (optimizer and aggregator state, DP-FTRL's tree key) stays in the
+# checkpoints. load_final_state reads either.
 FINAL_STATE_FILE = "final_state.npz"
 
 
@@ -155,7 +160,7 @@ def _set_aside_unfinished(workdir: str, exclude: tuple[str, ...]) -> str:
 
 
 def _open_or_resume(workdir: str, config_dict, like,
-                    checkpoints: resume.RunCheckpoints, accountant):
+                    checkpoints: resume.RunCheckpoints, plan):
   """Starts a fresh run in ``workdir`` or restores the interrupted one there.
 
   Returns ``(rounds_done, state or None, checkpoint record or {})``.
@@ -185,8 +190,8 @@ def _open_or_resume(workdir: str, config_dict, like,
           f"starting over (its files were moved to {kept})", file=sys.stderr)
     return start_fresh()
   rounds_done, state, record = restored
-  if accountant is not None and rounds_done:
-    spent = accountant.epsilon(rounds_done)
+  if plan is not None and rounds_done:
+    spent = accounting.epsilon(plan.spec, rounds_done, plan.delta)
     if not math.isclose(spent, record.get("epsilon", spent), rel_tol=1e-9):
       raise resume.ResumeError(
           f"the privacy ledger of the checkpoint says epsilon="
@@ -223,7 +228,9 @@ def run_experiment(exp: Experiment, workdir: str,
     resume.ResumeError: the run in ``workdir`` used another config.
   """
   config = exp.config
-  config_dict = json.loads(config.to_json_best_effort())
+  privacy = exp.privacy
+  config_dict = privacy_run.resolved_config(
+      json.loads(config.to_json_best_effort()), privacy)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
 
   mesh = None
@@ -240,7 +247,6 @@ def run_experiment(exp: Experiment, workdir: str,
   else:
     client_states = round_lib.stack_client_states(
         exp.algorithm.client_state_init(params), train.num_clients)
-  privacy = exp.privacy
   accountant = None
   if privacy is not None:
     accountant = accounting.RoundAccountant(privacy.spec, privacy.delta)
@@ -253,6 +259,22 @@ def run_experiment(exp: Experiment, workdir: str,
       accountant)
   if restored is not None:
     server_state, client_states = restored
+  try:
+    private = privacy_run.PrivacyRun.start(
+        privacy, evaluation_reads_train_data=exp.evaluate_params is not None,
+        checkpoint_record=saved if restored is not None else None,
+        accountant=accountant)
+  except privacy_run.MissingSecretError as e:
+    checkpoints.close()
+    raise resume.ResumeError(f"{workdir}: {e}") from None
+  if private.private:
+    print(private.report(config.num_rounds), file=sys.stderr)
+  # A DP run samples its cohorts with the secret seed (amplification by
+  # sampling assumes nobody knows who was sampled).
+  sampler = (setup.make_sampler(config, exp.dataset.train.num_clients,
+                                private.sampling_seed(config.seed))
+             if private.private else exp.sampler)
+  noise_rng = private.noise_key()
   extra_sinks = [name.strip() for name in
                  config.get("metrics_sinks", "").split(",") if name.strip()]
   writer = sinks.open_writers(
@@ -272,7 +294,7 @@ def run_experiment(exp: Experiment, workdir: str,
 
   def produce(round_index: int):
     batch = cohort_lib.make_round_cohort(
-        train, exp.sampler.sample(round_index), batch_size=client.batch_size,
+        train, sampler.sample(round_index), batch_size=client.batch_size,
         num_epochs=exp.local_epochs, max_steps=exp.local_max_steps,
         seed=config.seed, round_index=round_index,
         fixed_cohort_size=fixed_cohort_size,
@@ -315,6 +337,7 @@ def run_experiment(exp: Experiment, workdir: str,
               "seconds": seconds_before + time.perf_counter() - start}
     if accountant is not None and rounds_done:
       record["epsilon"] = accountant.epsilon(rounds_done)
+    record.update(private.checkpoint_fields())
     checkpoints.save(rounds_done, (server_state, client_states), record)
 
   stopped_early = None
@@ -330,26 +353,20 @@ def run_experiment(exp: Experiment, workdir: str,
                                                   cohort["client_indices"])
         server_state, new_states, metrics = round_fn(
             server_state, round_lib.place_cohort(cohort, mesh), gathered,
-            round_rng)
+            round_rng, noise_rng)
         metrics = _to_python(metrics)
         record = {"round": round_index + 1, **metrics,
                   "cohort_padded_size": int(cohort["client_mask"].shape[0]),
-                  "local_steps_padded": int(cohort["example_mask"].shape[1])}
-        if accountant is not None:
-          record.update(epsilon=accountant.epsilon(round_index + 1),
-                        delta=privacy.delta,
-                        noise_multiplier=privacy.noise_multiplier,
-                        **privacy.round_metrics(round_index))
+                  "local_steps_padded": int(cohort["example_mask"].shape[1]),
+                  **private.round_metrics(round_index)}
         record["seconds"] = time.perf_counter() - round_start
-        if (not math.isfinite(metrics.get("train_loss", 0.0)) or
-            metrics.get("params_finite", 1.0) < 1.0):
-          writer.write(record)
+        origins = round_fn.metric_origins()
+        if _diverged(metrics, private):
+          writer.write(private.release_record(record, origins))
           kept = checkpoints.steps()
           raise DivergedError(
-              f"round {round_index + 1}: train_loss is "
-              f"{metrics['train_loss']} and the model parameters are "
-              f"{'finite' if metrics.get('params_finite') else 'NOT finite'}; "
-              "training diverged. Lower client.learning_rate or "
+              f"round {round_index + 1}: " + _divergence(metrics, private) +
+              "; training diverged. Lower client.learning_rate or "
               f"server.learning_rate. Metrics up to here are in "
               f"{metrics_path}; " + (
                   f"the last good checkpoint (round {kept[-1]}) is kept in "
@@ -374,12 +391,13 @@ def run_experiment(exp: Experiment, workdir: str,
           last_personalization = personalize(server_state.params)
           record.update({f"personalization_{k}": v for k, v in
                          last_personalization.summary().items()})
-        writer.write(record)
+        writer.write(private.release_record(record, origins))
         rounds_done = round_index + 1
         if checkpoint_every and rounds_done % checkpoint_every == 0:
           save_checkpoint()
         if progress is not None:
-          postfix = {"loss": f"{metrics.get('train_loss', float('nan')):.3f}"}
+          postfix = ({"loss": f"{metrics.get('train_loss', float('nan')):.3f}"}
+                     if private.show_training_loss() else {})
           if "accuracy" in last_eval:
             postfix["eval_acc"] = f"{last_eval['accuracy']:.3f}"
           if "epsilon" in record:
@@ -426,10 +444,43 @@ def run_experiment(exp: Experiment, workdir: str,
   }
   if last_personalization is not None:
     summary["personalization"] = personalize_lib.describe(last_personalization)
-  if privacy is not None:
-    summary["epsilon"] = accountant.epsilon(rounds_done)
-    summary["delta"] = privacy.delta
-    summary["privacy"] = privacy.describe()
-  checkpoint.save_pytree(os.path.join(workdir, FINAL_STATE_FILE), server_state)
+  summary.update(private.summary_fields(rounds_done))
+  summary = private.release_summary(summary)
+  checkpoint.save_pytree(os.path.join(workdir, FINAL_STATE_FILE),
+                         server_state.params if private.private
+                         else server_state)
   metrics_io.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
   return summary
+
+
+def load_final_state(workdir: str, like: Any) -> Any:
+  """The state a finished run wrote: the server state (``like`` is a
+  freshly initialised one), or for a DP run its model parameters only
+  (returned as ``like.params``' structure)."""
+  path = os.path.join(workdir, FINAL_STATE_FILE)
+  with np.load(path) as data:
+    num_arrays = len(data.files)
+  if num_arrays == len(jax.tree.leaves(like)):
+    return checkpoint.load_pytree(path, like)
+  return checkpoint.load_pytree(path, like.params)
+
+
+def _diverged(metrics: dict[str, float],
+              private: privacy_run.PrivacyRun) -> bool:
+  """Whether a round diverged. A DP run judges by the released parameters
+  only: whether a client's training loss was finite is private (a client's
+  non-finite update is zeroed by clipping and cannot reach the model)."""
+  if metrics.get("params_finite", 1.0) < 1.0:
+    return True
+  return not private.private and not math.isfinite(
+      metrics.get("train_loss", 0.0))
+
+
+def _divergence(metrics: dict[str, float],
+                private: privacy_run.PrivacyRun) -> str:
+  params = ("finite" if metrics.get("params_finite", 1.0) >= 1.0
+            else "NOT finite")
+  if private.private and not private.plan.release_diagnostics:
+    return f"the model parameters are {params}"
+  return (f"train_loss is {metrics.get('train_loss')} and the model "
+          f"parameters are {params}")

@@ -126,6 +126,17 @@ class RunCheckpoints:
       return step, state, dict(restored.record)
     return None
 
+  def latest_record(self) -> dict[str, Any] | None:
+    """The JSON record of the newest checkpoint (None when there is none)."""
+    ocp = self._ocp
+    for step in reversed(self.steps()):
+      try:
+        return dict(self._manager.restore(step, args=ocp.args.Composite(
+            record=ocp.args.JsonRestore())).record)
+      except Exception:  # pylint: disable=broad-except
+        continue
+    return None
+
   def _set_aside(self, step: int) -> str:
     """Renames an unreadable step out of the way (kept for inspection)."""
     source = os.path.join(self.directory, str(step))

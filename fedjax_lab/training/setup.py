@@ -136,6 +136,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "round, which no DP mechanism accounts for; set "
         "--config.fedprox.adaptive_mu=False with "
         f"privacy.mechanism={mechanism!r}.")
+  diagnostics = config.get("privacy", {}).get("release_diagnostics", False)
+  if mechanism != "none" and not diagnostics:
+    for key, what in (
+        ("eval_train_split", "evaluates on the clients' training examples"),
+        ("personalization.enabled", "fine-tunes on every client's training "
+         "data and reports per-client accuracies")):
+      block, _, name = key.rpartition(".")
+      if (config.get(block, {}) if block else config).get(name, False):
+        raise ConfigError(
+            f"{key}=True {what}: un-noised statistics of private data that "
+            f"epsilon does not cover. With privacy.mechanism={mechanism!r} "
+            f"set --config.{key}=False, or --config.privacy."
+            "release_diagnostics=True to write them labelled "
+            "diagnostic/ (not private).")
   if mechanism == "tree" and config.server.optimizer != "sgd":
     raise ConfigError(
         "privacy.mechanism='tree' makes DP-FTRL the server optimizer (with "
@@ -179,14 +193,12 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   privacy = build_privacy(config, num_clients)
   model = build_model(config, dataset)
   algorithm = build_algorithm(config, model, privacy, num_clients, dataset)
-  if config.sampling != "poisson":
-    sampler = sampling.make_sampler(config.sampling, num_clients,
-                                    cohort_size=config.cohort_size,
-                                    seed=config.seed)
-  else:
-    sampler = sampling.make_sampler("poisson", num_clients,
-                                    sampling_rate=config.sampling_rate,
-                                    seed=config.seed)
+  if privacy is not None:
+    try:
+      privacy_plan.check_private_algorithm(algorithm)
+    except accounting.PrivacyError as e:
+      raise ConfigError(str(e)) from None
+  sampler = make_sampler(config, num_clients, config.seed)
   family = MODEL_FAMILIES.get(config.model.name, "dense")
   strategy = parse_strategy(config.get("strategy", "auto"), family)
   local_epochs, local_max_steps = algorithm_config.local_schedule(config)
@@ -198,6 +210,17 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       evaluate_params=algorithm_config.cluster_evaluator(config, model,
                                                          dataset),
       local_epochs=local_epochs, local_max_steps=local_max_steps)
+
+
+def make_sampler(config: ml_collections.ConfigDict, num_clients: int,
+                 seed: int):
+  """The config's cohort sampler over ``num_clients`` clients with ``seed``
+  (``config.seed`` for a non-private run; a DP run's secret seed)."""
+  if config.sampling != "poisson":
+    return sampling.make_sampler(config.sampling, num_clients,
+                                 cohort_size=config.cohort_size, seed=seed)
+  return sampling.make_sampler("poisson", num_clients,
+                               sampling_rate=config.sampling_rate, seed=seed)
 
 
 def describe_devices() -> str:

@@ -169,3 +169,29 @@ def test_per_client_accuracy_ecdf_only_when_reported(tmp_path):
   plain = _write_run(tmp_path / "plain")
   plot.main(["--workdir", plain, "--out_dir", str(tmp_path / "out2")])
   assert not os.path.exists(tmp_path / "out2" / "per_client_accuracy.png")
+
+
+def test_epsilon_axes_name_the_neighbouring_relation(tmp_path):
+  """Replace-one (fixed cohorts) and add/remove (Poisson) epsilons are
+  different statements: one relation goes on the axis, mixed ones into
+  the legend with a warning that they are not comparable."""
+  poisson = _write_run(tmp_path / "poisson", dp=True, summary={
+      "final_eval_accuracy": 0.8, "epsilon": 3.0, "delta": 1e-3,
+      "privacy": {"neighboring_relation": "add/remove one client (all of "
+                                          "its data)"}})
+  fixed = _write_run(tmp_path / "fixed", dp=True, config={
+      "sampling": "fixed", "privacy": {"mechanism": "gaussian"}})
+  ftrl = _write_run(tmp_path / "ftrl", dp=True, config={
+      "sampling": "shuffle", "privacy": {"mechanism": "tree"}})
+  runs = plot.discover_runs([poisson, fixed, ftrl])
+  assert [plot.neighboring_relation(r) for r in runs] == [
+      "add/remove", "replace-one", "replace-special"]
+  suffix, labels = plot._relation_labels(runs[:1])  # pylint: disable=protected-access
+  assert suffix == " (add/remove neighbours)" and labels == {
+      runs[0].name: runs[0].name}
+  suffix, labels = plot._relation_labels(runs)  # pylint: disable=protected-access
+  assert "not comparable" in suffix
+  assert labels[runs[1].name].endswith("[replace-one]")
+  out = tmp_path / "out"
+  assert plot.main(["--workdir", poisson, fixed, "--out_dir", str(out)]) == 0
+  _assert_valid_png(out / "epsilon.png")

@@ -1,5 +1,8 @@
 """Tests for fedjax_lab.privacy.tree (tree-aggregation noise and DP-FTRL).
 
+The aggregator form, :func:`tree.tree_aggregator`, is tested in
+``test_tree_aggregator.py``.
+
 The statistical checks use fixed seeds (so they cannot flake) and many i.i.d.
 coordinates; tolerances are 6 standard errors of the estimator, far below the
 gap a wrong number of tree nodes (a 1-node change in popcount) would make.
@@ -177,6 +180,61 @@ def test_prefix_noise_std_values():
     tree.prefix_noise_std(-1, 1.0)
 
 
+# ---------------------------------------------------- prefix noise increment
+
+
+@pytest.mark.parametrize("num_levels", [0, 1, 3, 4, 6])
+def test_prefix_noise_increment_is_difference_of_prefixes(num_levels):
+  """N_t - N_{t-1}, also past the tree's depth (high bits are ignored)."""
+  key = jax.random.key(12)
+  template = {"w": jnp.zeros([300]), "v": jnp.zeros([2, 5])}
+  for step in range(0, 70):
+    increment = tree.prefix_noise_increment(key, step, template, SIGMA,
+                                            num_levels)
+    assert jax.tree.structure(increment) == jax.tree.structure(template)
+    if step == 0:
+      expected = jax.tree.map(jnp.zeros_like, template)
+    else:
+      expected = jax.tree.map(
+          jnp.subtract,
+          tree.prefix_noise(key, step, template, SIGMA, num_levels),
+          tree.prefix_noise(key, step - 1, template, SIGMA, num_levels))
+    for name in ("w", "v"):
+      np.testing.assert_allclose(increment[name], expected[name], rtol=0,
+                                 atol=1e-5, err_msg=f"step {step}")
+
+
+def test_prefix_noise_increment_uses_documented_nodes():
+  key = jax.random.key(13)
+  shape = (1000,)
+  # 12 = 0b1100, 11 = 0b1011: level 3 node (3, 1) is shared; 12 adds
+  # (2, 3), 11 has (0, 11) and (1, 5).
+  increment = tree.prefix_noise_increment(key, 12, jnp.zeros(shape), SIGMA,
+                                          num_levels=4)
+  expected = (_node(key, 2, 3, shape) - _node(key, 0, 11, shape)
+              - _node(key, 1, 5, shape))
+  np.testing.assert_allclose(increment, expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(
+      tree.prefix_noise_increment(key, 1, jnp.zeros(shape), SIGMA, 4),
+      tree.prefix_noise(key, 1, jnp.zeros(shape), SIGMA, 4))
+
+
+def test_prefix_noise_increment_under_jit_with_traced_step_and_std():
+  key = jax.random.key(14)
+  template = {"w": jax.ShapeDtypeStruct((50,), jnp.float32),
+              "v": jnp.zeros((2, 3), jnp.bfloat16)}
+  jitted = jax.jit(lambda k, t, std: tree.prefix_noise_increment(
+      k, t, template, std, num_levels=4))
+  for step in (1, 4, 6, 11, 16):
+    eager = tree.prefix_noise_increment(key, step, template, SIGMA, 4)
+    traced = jitted(key, jnp.int32(step), jnp.float32(SIGMA))
+    np.testing.assert_allclose(traced["w"], eager["w"], rtol=1e-5,
+                               atol=1e-6)
+    assert traced["v"].dtype == jnp.bfloat16
+  with pytest.raises(TypeError, match="floating-point"):
+    tree.prefix_noise_increment(key, 1, jnp.zeros(3, jnp.int32), SIGMA, 2)
+
+
 # ------------------------------------------------------------------ dp_ftrl
 
 
@@ -209,7 +267,7 @@ def test_noiseless_dp_ftrl_momentum_is_heavy_ball_sgd(steps_per_tree):
 
 def test_dp_ftrl_jit_with_donated_state_matches_eager():
   optimizer = tree.dp_ftrl(0.2, SIGMA, steps_per_tree=3, momentum=0.5,
-                           seed=7)
+                           noise_key=jax.random.key(7))
   grads = _grads(2, 7, shape=(32,))
   params0 = {"w": jnp.zeros(32), "b": jnp.zeros(3)}
 
@@ -237,12 +295,12 @@ def test_dp_ftrl_jit_with_donated_state_matches_eager():
 
 def test_dp_ftrl_params_are_ftrl_form_within_a_tree():
   """params_t = params_0 - lr * (S_t + prefix_noise(t)) for every step t."""
-  lr, seed, steps = 0.05, 11, 13
+  lr, noise_key, steps = 0.05, jax.random.key(11), 13
   grads = _grads(3, steps, shape=(500,))
   params0 = {"w": jnp.linspace(0, 1, 500), "b": jnp.zeros(3)}
-  optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=16, seed=seed)
+  optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=16, noise_key=noise_key)
   params_seq, states = _run(optimizer, params0, grads)
-  key = tree.tree_noise_key(seed, 0)
+  key = tree.tree_noise_key(noise_key, 0)
   exact = jax.tree.map(jnp.zeros_like, params0)
   for t in range(1, steps + 1):
     exact = jax.tree.map(jnp.add, exact, grads[t - 1])
@@ -253,18 +311,31 @@ def test_dp_ftrl_params_are_ftrl_form_within_a_tree():
                                  rtol=1e-5, atol=1e-5)
     state = states[t - 1]
     assert int(state.step_in_tree) == t and int(state.tree_index) == 0
-    np.testing.assert_allclose(state.exact_sum["w"], exact["w"], rtol=1e-5,
-                               atol=1e-5)
-    np.testing.assert_allclose(state.prev_noisy_sum["w"],
-                               exact["w"] + noise["w"], rtol=1e-5,
-                               atol=1e-5)
+
+
+def test_dp_ftrl_state_holds_no_exact_sum_and_no_key():
+  """Server states get published: only step, tree index and momentum."""
+  assert tree.DPFTRLState._fields == ("step_in_tree", "tree_index",
+                                      "momentum_buffer")
+  grads = _grads(9, 3, shape=(200,))
+  params0 = {"w": jnp.zeros(200), "b": jnp.zeros(3)}
+  optimizer = tree.dp_ftrl(1.0, SIGMA, steps_per_tree=8,
+                           noise_key=jax.random.key(3))
+  _, states = _run(optimizer, params0, grads)
+  exact = jax.tree.map(lambda *g: sum(g), *grads)
+  for leaf in jax.tree.leaves(states[-1]):
+    assert not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    if leaf.shape == (200,):
+      assert not np.allclose(leaf, exact["w"], atol=0.1)
+      assert not np.allclose(leaf, grads[-1]["w"], atol=0.1)
 
 
 def test_gradient_noise_telescopes_to_prefix_noise():
   """Sum over a tree of (noisy - true) gradients is the noise of S_T."""
-  lr, seed, steps = 1.0, 4, 11
+  lr, noise_key, steps = 1.0, jax.random.key(4), 11
   grads = _grads(4, steps)
-  optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=steps, seed=seed)
+  optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=steps,
+                           noise_key=noise_key)
   params = {"w": jnp.zeros(NUM_COORDS), "b": jnp.zeros(3)}
   state = optimizer.init(params)
   noise_sum = np.zeros(NUM_COORDS)
@@ -273,47 +344,45 @@ def test_gradient_noise_telescopes_to_prefix_noise():
     noisy_grad = -np.asarray(updates["w"], np.float64) / lr
     noise_sum += noisy_grad - np.asarray(g["w"], np.float64)
   # Leaves are noised in pytree order, so the template is the params pytree.
-  final_noise = tree.prefix_noise(tree.tree_noise_key(seed, 0), steps,
+  final_noise = tree.prefix_noise(tree.tree_noise_key(noise_key, 0), steps,
                                   params, SIGMA, tree.tree_depth(steps))["w"]
   np.testing.assert_allclose(noise_sum, final_noise, atol=1e-4)
   _assert_variance(noise_sum, _popcount(steps) * SIGMA**2)
 
 
 def test_dp_ftrl_restarts_tree_with_fresh_noise():
-  lr, seed, per_tree = 1.0, 21, 4
+  lr, noise_key, per_tree = 1.0, jax.random.key(21), 4
   grads = _grads(5, 2 * per_tree + 1)
   params0 = {"w": jnp.zeros(NUM_COORDS), "b": jnp.zeros(3)}
-  optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=per_tree, seed=seed)
+  optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=per_tree,
+                           noise_key=noise_key)
   params_seq, states = _run(optimizer, params0, grads)
   assert [int(s.step_in_tree) for s in states] == [1, 2, 3, 4, 1, 2, 3, 4, 1]
   assert [int(s.tree_index) for s in states] == [0, 0, 0, 0, 1, 1, 1, 1, 2]
   levels = tree.tree_depth(per_tree)
+  params_before = [params0] + params_seq
 
   def noise_w(key, t):
     return tree.prefix_noise(key, t, params0, SIGMA, levels)["w"]
 
+  def released_noise(position):
+    """Noise on the gradient the update at 0-based ``position`` used."""
+    noisy_grad = (params_before[position]["w"]
+                  - params_before[position + 1]["w"]) / lr
+    return np.asarray(noisy_grad - grads[position]["w"])
+
   for tree_index in (1, 2):
     first = per_tree * tree_index  # 0-based position of the tree's step 1.
-    state = states[first]
-    # The exact sum restarted: it only holds this tree's first gradient.
-    np.testing.assert_allclose(state.exact_sum["w"], grads[first]["w"],
-                               rtol=1e-6)
-    new_noise = np.asarray(state.prev_noisy_sum["w"] - grads[first]["w"])
-    expected = noise_w(tree.tree_noise_key(seed, tree_index), 1)
-    np.testing.assert_allclose(new_noise, expected, atol=1e-5)
-    # params continue from the end of the previous tree (FTRL form again).
-    np.testing.assert_allclose(
-        params_seq[first]["w"],
-        params_seq[first - 1]["w"] - lr * state.prev_noisy_sum["w"],
-        rtol=1e-5, atol=1e-5)
+    # Step 1 of the new tree: its own N_1, nothing of the old tree's
+    # N_{per_tree} subtracted (params continue from the previous tree's end).
+    new_noise = released_noise(first)
+    expected = noise_w(tree.tree_noise_key(noise_key, tree_index), 1)
+    np.testing.assert_allclose(new_noise, expected, atol=1e-4)
     # Fresh key: independent of every node of the previous tree.
-    old_key = tree.tree_noise_key(seed, tree_index - 1)
+    old_key = tree.tree_noise_key(noise_key, tree_index - 1)
     for t in (1, 2, 4):
       _assert_uncorrelated(new_noise, noise_w(old_key, t))
-  first_tree_noise = np.asarray(states[0].prev_noisy_sum["w"]
-                                - grads[0]["w"])
-  _assert_uncorrelated(first_tree_noise, states[per_tree].prev_noisy_sum["w"]
-                       - grads[per_tree]["w"])
+  _assert_uncorrelated(released_noise(0), released_noise(per_tree))
 
 
 def test_param_noise_variance_matches_tree_mechanism():
@@ -321,10 +390,9 @@ def test_param_noise_variance_matches_tree_mechanism():
   lr, steps = 0.3, 15
   grads = _grads(6, steps)
   params0 = {"w": jnp.zeros(NUM_COORDS), "b": jnp.zeros(3)}
-  noisy, _ = _run(tree.dp_ftrl(lr, SIGMA, steps_per_tree=16, seed=8), params0,
-                  grads)
-  clean, _ = _run(tree.dp_ftrl(lr, 0.0, steps_per_tree=16, seed=8), params0,
-                  grads)
+  noisy, _ = _run(tree.dp_ftrl(lr, SIGMA, steps_per_tree=16,
+                               noise_key=jax.random.key(8)), params0, grads)
+  clean, _ = _run(tree.dp_ftrl(lr, 0.0, steps_per_tree=16), params0, grads)
   for t in range(1, steps + 1):
     deviation = noisy[t - 1]["w"] - clean[t - 1]["w"]
     _assert_variance(deviation, lr**2 * _popcount(t) * SIGMA**2)
@@ -332,21 +400,23 @@ def test_param_noise_variance_matches_tree_mechanism():
         math.sqrt(lr**2 * _popcount(t) * SIGMA**2))
 
 
-def test_dp_ftrl_different_seeds_differ_and_same_seed_repeats():
+def test_dp_ftrl_different_keys_differ_and_same_key_repeats():
   grads = _grads(7, 3, shape=(100,))
   params0 = {"w": jnp.zeros(100), "b": jnp.zeros(3)}
-  a, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, seed=1), params0, grads)
-  b, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, seed=1), params0, grads)
-  c, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, seed=2), params0, grads)
+  key_a, key_c = jax.random.key(1), jax.random.key(2)
+  a, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, noise_key=key_a), params0, grads)
+  b, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, noise_key=jax.random.key(1)),
+              params0, grads)
+  c, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, noise_key=key_c), params0, grads)
   np.testing.assert_array_equal(a[-1]["w"], b[-1]["w"])
   assert not np.allclose(a[-1]["w"], c[-1]["w"])
 
 
 def test_dp_ftrl_low_precision_params_keep_float32_sums():
   params = {"w": jnp.zeros(8, jnp.bfloat16)}
-  optimizer = tree.dp_ftrl(0.1, SIGMA, 4)
+  optimizer = tree.dp_ftrl(0.1, SIGMA, 4, noise_key=jax.random.key(0))
   state = optimizer.init(params)
-  assert state.exact_sum["w"].dtype == jnp.float32
+  assert state.momentum_buffer["w"].dtype == jnp.float32
   updates, state = optimizer.update({"w": jnp.ones(8, jnp.bfloat16)}, state,
                                     params)
   assert updates["w"].dtype == jnp.bfloat16
@@ -361,11 +431,26 @@ def test_dp_ftrl_low_precision_params_keep_float32_sums():
     (dict(steps_per_tree=2.0), TypeError, "steps_per_tree must be an integer"),
     (dict(momentum=1.0), ValueError, "momentum"),
     (dict(momentum=-0.1), ValueError, "momentum"),
-    (dict(seed=-1), ValueError, "seed must be >= 0"),
-    (dict(seed=2**32), ValueError, "seed must be < 2"),
+    (dict(noise_key=None), ValueError, "needs noise_key"),
+    (dict(noise_key=7), TypeError, "noise_key must be one JAX PRNG key"),
+    (dict(noise_key=jnp.zeros(2, jnp.int32)), TypeError, "PRNG key"),
+    (dict(noise_key=jax.random.split(jax.random.key(0))), TypeError,
+     "PRNG key"),
 ])
 def test_dp_ftrl_rejects_bad_arguments(kwargs, error, message):
-  arguments = dict(learning_rate=0.1, noise_std=1.0, steps_per_tree=4)
+  arguments = dict(learning_rate=0.1, noise_std=1.0, steps_per_tree=4,
+                   noise_key=jax.random.key(0))
   arguments.update(kwargs)
   with pytest.raises(error, match=message):
     tree.dp_ftrl(**arguments)
+
+
+def test_dp_ftrl_noiseless_needs_no_key_and_accepts_raw_keys():
+  tree.dp_ftrl(0.1, 0.0, 4)
+  grads = _grads(10, 2, shape=(20,))
+  params0 = {"w": jnp.zeros(20), "b": jnp.zeros(3)}
+  typed, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, noise_key=jax.random.key(5)),
+                  params0, grads)
+  raw, _ = _run(tree.dp_ftrl(0.1, SIGMA, 4, noise_key=jax.random.PRNGKey(5)),
+                params0, grads)
+  np.testing.assert_array_equal(typed[-1]["w"], raw[-1]["w"])

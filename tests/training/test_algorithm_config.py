@@ -52,6 +52,10 @@ def test_impossible_settings_are_refused_by_name(name, overrides, match):
     ("synthetic_mime", "adaptive", "mimelite"),
     ("mnist_cnn_compressed", "local", "compression"),
     ("mnist_hypcluster", "tree", "gaussian"),
+    # k-means init starts the clusters from single clients' raw models.
+    ("mnist_hypcluster", "gaussian", "hypcluster.init=random"),
+    # Per-client fine-tuning scores are un-noised statistics of private data.
+    ("synthetic_reptile", "gaussian", "release_diagnostics"),
 ])
 def test_dp_combinations_that_would_leak_are_refused(name, mechanism, match):
   config = _private(_config(name), mechanism)
@@ -61,12 +65,13 @@ def test_dp_combinations_that_would_leak_are_refused(name, mechanism, match):
 
 @pytest.mark.parametrize("name, overrides", [
     ("synthetic_mime", {"algorithm": "mimelite"}),
-    ("synthetic_reptile", {}),
+    ("synthetic_reptile", {"personalization.enabled": False}),
     ("synthetic_fedprox", {"server.optimizer": "adam",
                            "server.learning_rate": 0.01}),
     ("synthetic_scaffold", {}),
     ("mnist_agnostic", {"agnostic_fedavg.loss_bound": 10.0}),
-    ("mnist_hypcluster", {"hypcluster.min_cluster_share": 0.05}),
+    ("mnist_hypcluster", {"hypcluster.min_cluster_share": 0.05,
+                          "hypcluster.init": "random"}),
     ("mnist_cnn_compressed", {}),
     ("mnist_cnn_compressed", {"compression.method": "top_k"}),
 ])
@@ -78,8 +83,58 @@ def test_every_algorithm_runs_under_dp(name, overrides, tmp_path):
   assert summary["rounds"] == 2 and summary["epsilon"] > 0
   assert summary["algorithm"].startswith("dp-")
   for record in records:
-    assert np.isfinite(record["train_loss"])
+    assert record["params_finite"] == 1.0
     assert record["clip_norm"] == 0.5 and record["epsilon"] > 0
+    # Client-side statistics are withheld; server-side ones are released.
+    assert "train_loss" not in record and "num_clients" not in record
+  if name == "mnist_hypcluster":
+    # Its evaluation picks each client's cluster with its training data.
+    assert "eval_accuracy" not in records[-1]
+    assert "final_eval_accuracy" not in summary
+  else:
+    assert np.isfinite(records[-1]["eval_loss"])
+
+
+@pytest.mark.parametrize("key", ["eval_train_split",
+                                 "personalization.enabled"])
+def test_dp_diagnostic_evaluations_need_release_diagnostics(key):
+  config = _private(_config("synthetic_logreg_fedavg", **{key: True}))
+  with pytest.raises(setup.ConfigError, match="release_diagnostics"):
+    setup.validate(config)
+  config.privacy.release_diagnostics = True
+  setup.validate(config)
+
+
+def test_dp_scaffold_moves_c_by_the_noised_sum_over_the_population():
+  """|S| in c += |S|/N * mean is the expected cohort under DP, so the
+  control variate is a function of the noised sum alone."""
+  config = _private(_config("synthetic_scaffold"))
+  config.sampling, config.sampling_rate = "poisson", 0.3
+  experiment = setup.build_experiment(config)
+  algorithm = experiment.algorithm
+  params = experiment.model.init(__import__("jax").random.key(0))
+  state = algorithm.server_init(params)
+  import jax  # pylint: disable=g-import-not-at-top
+  noisy_mean = jax.tree.map(lambda p: 0.01 + 0 * p, params)
+  aggregate, _, _ = algorithm.aggregator.finalize(
+      (noisy_mean, noisy_mean), 3.0, 3.0, state.aggregator_state,
+      jax.random.key(1))
+  (_, _), cohort_size = aggregate
+  # 30 clients at q = 0.3: 9 expected, whatever the realised count (3).
+  assert float(cohort_size) == pytest.approx(9.0)
+
+
+def test_dp_agnostic_domains_do_not_depend_on_which_labels_occur():
+  config = _private(_config("mnist_agnostic"))
+  experiment = setup.build_experiment(config)
+  stats = experiment.algorithm.server_init(
+      experiment.model.init(__import__("jax").random.key(0))).extra
+  num_classes = experiment.dataset.num_classes
+  # One domain per class (not per label some client happens to hold), and a
+  # uniform initial window (not the population's private shares).
+  np.testing.assert_allclose(np.asarray(stats.domain_window),
+                             np.full((1, num_classes), 1 / num_classes),
+                             rtol=1e-6)
 
 
 def test_agnostic_clients_start_with_their_domain(tmp_path):

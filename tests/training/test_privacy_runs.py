@@ -9,7 +9,7 @@ import pytest
 
 from configs import common
 from fedjax_lab.privacy import accounting
-from fedjax_lab.training import checkpoint, loop, metrics_io, setup
+from fedjax_lab.training import loop, metrics_io, resume, setup
 
 
 def _dp_config(**privacy):
@@ -48,13 +48,33 @@ def test_every_round_reports_epsilon_from_the_accountant(tmp_path):
     assert record["noise_multiplier"] == 1.0
     assert record["clip_norm"] == 1.0
     assert record["dp_noise_std"] == pytest.approx(1.0)
-    assert 0 < record["signal_to_noise"] < np.inf
+    # Un-noised statistics of the clients are withheld by default.
+    for withheld in ("signal_to_noise", "train_loss", "update_norm",
+                     "num_clients", "fraction_clipped", "seconds",
+                     "local_steps_padded", "clipped_sum_norm"):
+      assert withheld not in record and f"diagnostic/{withheld}" not in record
   epsilons = [r["epsilon"] for r in records]
   assert epsilons == sorted(epsilons) and epsilons[0] > 0
   assert summary["epsilon"] == records[-1]["epsilon"]
   assert summary["delta"] == 1e-3
   assert summary["privacy"]["sampling"] == "poisson"
   assert summary["algorithm"] == "dp-fedavg"
+  assert "seconds" not in summary and "compilations" not in summary
+  assert "train_loss" in summary["privacy"]["release"]["withheld"]
+
+
+def test_released_diagnostics_are_labelled_everywhere(tmp_path):
+  summary, records = _run(_dp_config(release_diagnostics=True), tmp_path)
+  for record in records:
+    assert 0 < record["diagnostic/signal_to_noise"] < np.inf
+    assert "diagnostic/train_loss" in record and "train_loss" not in record
+    assert "epsilon" in record  # released quantities keep their names
+  assert "diagnostic/seconds" in summary
+  assert "train_loss" in summary["privacy"]["release"][
+      "diagnostics_released_not_private"]
+  with open(tmp_path / "metrics.csv") as f:
+    header = f.readline()
+  assert "diagnostic/train_loss" in header and ",train_loss" not in header
 
 
 def test_run_stops_cleanly_at_the_budget_with_state_and_summary(tmp_path):
@@ -71,9 +91,16 @@ def test_run_stops_cleanly_at_the_budget_with_state_and_summary(tmp_path):
   assert on_disk["rounds"] == 3
   exp = setup.build_experiment(_dp_config())
   template = exp.algorithm.server_init(exp.model.init(jax.random.key(0)))
-  state = checkpoint.load_pytree(str(tmp_path / loop.FINAL_STATE_FILE),
-                                 template)
-  assert int(state.round) == 3
+  # A DP run releases the model parameters only; the full server state
+  # (here: 3 rounds done) stays in the checkpoint.
+  params = loop.load_final_state(str(tmp_path), template)
+  assert jax.tree.structure(params) == jax.tree.structure(template.params)
+  with np.load(tmp_path / loop.FINAL_STATE_FILE) as data:
+    assert len(data.files) == len(jax.tree.leaves(template.params))
+  checkpoints = resume.RunCheckpoints(str(tmp_path / resume.CHECKPOINT_DIR))
+  rounds_done, state, _ = checkpoints.restore_latest((template, ()))
+  checkpoints.close()
+  assert rounds_done == 3 and int(state[0].round) == 3
 
 
 def test_budget_too_small_for_one_round_trains_nothing(tmp_path):
@@ -103,7 +130,17 @@ def test_large_cohort_noise_simulation_is_labelled(tmp_path):
   assert privacy["accounted_cohort_size"] == 200
   assert privacy["population"] == 10_000
   assert privacy["sampling_rate"] == pytest.approx(0.02)
-  assert "accounted for a cohort of 200" in privacy["note"]
+  assert "hypothetical deployment" in privacy["note"]
+  assert "a cohort of 200 clients" in privacy["note"]
+  assert "a population of 10000" in privacy["note"]
+  # The run as simulated: 30 clients, q = 0.2 (6 expected), and the noise of
+  # 200 clients on 6: multiplier 1.0 * 6 / 200.
+  simulated = accounting.AccountingSpec(noise_multiplier=6 / 200,
+                                        sampling="poisson", population=30,
+                                        sampling_rate=0.2)
+  assert privacy["epsilon_simulated_run"] == pytest.approx(
+      accounting.epsilon(simulated, 6, 1e-5), rel=1e-9)
+  assert privacy["epsilon_simulated_run"] > 10 * summary["epsilon"]
   # Noise on the sum scaled so its std on the mean is z C / 200.
   assert records[0]["dp_noise_std_on_mean"] == pytest.approx(1.0 / 200)
   assert all(r["accounted_cohort_size"] == 200 for r in records)
@@ -189,3 +226,119 @@ def test_runner_exits_2_on_a_refused_combination(tmp_path):
   assert "error:" in result.stderr and "Traceback" not in result.stderr
 
 
+
+
+# ------------------------------------------- secret noise, report, warnings
+
+
+def _checkpoint_seed(workdir):
+  checkpoints = resume.RunCheckpoints(os.path.join(workdir,
+                                                   resume.CHECKPOINT_DIR))
+  try:
+    step = checkpoints.steps()[-1]
+    record = checkpoints._manager.restore(  # pylint: disable=protected-access
+        step, args=checkpoints._ocp.args.Composite(  # pylint: disable=protected-access
+            record=checkpoints._ocp.args.JsonRestore())).record  # pylint: disable=protected-access
+  finally:
+    checkpoints.close()
+  return int(record["noise_seed"])
+
+
+def _released(records):
+  return [{k: v for k, v in r.items() if k != "noise_seeded"}
+          for r in records]
+
+
+def test_secret_runs_differ_and_the_checkpointed_seed_reproduces_one(
+    tmp_path):
+  """Two runs of one config never share noise (or cohorts); the seed kept
+  in the checkpoint — and only there — replays a run exactly."""
+  config = _dp_config()
+  first, first_records = _run(config, tmp_path / "first")
+  _, second_records = _run(config, tmp_path / "second")
+  assert first_records != second_records
+  seed = _checkpoint_seed(str(tmp_path / "first"))
+  assert str(seed) not in (tmp_path / "first" / "config.json").read_text()
+  assert str(seed) not in (tmp_path / "first" / "summary.json").read_text()
+  replay, replay_records = _run(_dp_config(noise_seed=seed),
+                                tmp_path / "replay")
+  assert _released(replay_records) == first_records
+  assert all(r["noise_seeded"] == 1.0 for r in replay_records)
+  assert replay["final_eval_accuracy"] == first["final_eval_accuracy"]
+  assert "SEEDED" in replay["privacy"]["noise"]
+  assert first["privacy"]["noise"].startswith("secret")
+
+
+def test_a_checkpoint_without_its_noise_seed_is_not_resumed(tmp_path):
+  """Checkpoints of older versions (noise from config.seed) are refused."""
+  config = _dp_config()
+  config.checkpoint_every = 2
+  workdir = tmp_path / "run"
+  _run(config, workdir)
+  (workdir / "summary.json").unlink()  # as if interrupted after round 6
+  for root, _, files in os.walk(workdir / resume.CHECKPOINT_DIR):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.basename(root) == "record":
+        with open(path) as f:
+          text = f.read()
+        if "noise_seed" in text:
+          record = json.loads(text)
+          del record["noise_seed"]
+          with open(path, "w") as f:
+            json.dump(record, f)
+  with pytest.raises(resume.ResumeError, match="no noise seed"):
+    _run(config, workdir)
+
+
+def test_config_json_records_the_resolved_delta_and_no_secret(tmp_path):
+  config = _dp_config(delta=0.0)
+  summary, _ = _run(config, tmp_path)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["privacy"]["delta"] == pytest.approx(1 / 30**1.1)
+  assert saved["privacy"]["delta"] == summary["delta"]
+  assert saved["privacy"]["noise_seed"] == -1
+  assert "1/population^1.1" in summary["privacy"]["delta_chosen"]
+  assert summary["privacy"]["neighboring_relation"].startswith("add/remove")
+  assert summary["privacy"]["unit"].startswith("user-level")
+
+
+def test_fixed_cohort_report_names_replace_one(tmp_path):
+  config = _dp_config()
+  config.sampling, config.cohort_size = "fixed", 6
+  plan = setup.build_experiment(config).privacy
+  assert plan.describe()["neighboring_relation"].startswith("replace one")
+
+
+@pytest.mark.parametrize("privacy, warning", [
+    ({"noise_multiplier": 0.0}, "epsilon is infinite"),
+    ({"target_epsilon": 1e-9, "calibrate": True}, "noise_multiplier="),
+    ({"target_epsilon": 1e-3, "calibrate": True}, "target_epsilon=0.001"),
+])
+def test_meaningless_noise_levels_warn(privacy, warning, tmp_path, capsys):
+  config = _dp_config(**privacy)
+  config.num_rounds = 1
+  summary, _ = _run(config, tmp_path)
+  assert any(warning in w for w in summary["privacy"]["warnings"])
+  assert f"WARNING" in capsys.readouterr().err
+
+
+def test_large_epsilon_warns_in_the_summary(tmp_path):
+  summary, _ = _run(_dp_config(noise_multiplier=0.3), tmp_path)
+  assert summary["epsilon"] > 10
+  assert any("weak guarantee" in w for w in summary["privacy"]["warnings"])
+
+
+def test_accounting_population_reports_the_simulated_runs_epsilon(
+    tmp_path, capsys):
+  """Issue repro: a population of 10^6 in the accounting makes epsilon tiny;
+  the summary gives the simulated run's epsilon beside it."""
+  config = _dp_config(accounting_population=1_000_000, delta=0.0)
+  summary, _ = _run(config, tmp_path)
+  delta = 1 / 1_000_000**1.1
+  real = accounting.AccountingSpec(noise_multiplier=1.0, sampling="poisson",
+                                   population=30, sampling_rate=0.2)
+  assert summary["privacy"]["epsilon_simulated_run"] == pytest.approx(
+      accounting.epsilon(real, 6, delta), rel=1e-9)
+  assert summary["privacy"]["epsilon_simulated_run"] > 10 * summary["epsilon"]
+  assert "hypothetical deployment" in capsys.readouterr().err

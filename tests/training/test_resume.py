@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from fedjax_lab.privacy import secret_seed
 from fedjax_lab.training import loop, metrics_io, resume, setup, sinks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -33,6 +34,31 @@ def _config(name="synthetic_scaffold", rounds=8):
   return config
 
 
+# The secret noise seed the DP runs below draw (through the real secret path:
+# drawn at the start, kept in the checkpoint, restored on resume). A resume
+# that drew a new secret instead would get _OTHER_SECRET and diverge.
+_SECRET = 0x1234_5678_9ABC_DEF0
+_OTHER_SECRET = 0x0FED_CBA9_8765_4321
+
+
+def _fix_secret(patcher: pytest.MonkeyPatch) -> None:
+  """The next secret draw gives _SECRET, any later one _OTHER_SECRET."""
+  draws = iter([_SECRET] + [_OTHER_SECRET] * 10)
+  patcher.setattr(secret_seed, "draw_secret_seed", lambda: next(draws))
+
+
+def _crashed_run(workdir: str, monkeypatch, crash_round: int) -> None:
+  """Runs ``_config()`` in ``workdir`` until the metrics writer crashes at
+  ``crash_round``; the secret stays fixed for the resume that follows (a
+  resume that drew a new one would diverge)."""
+  _fix_secret(monkeypatch)
+  with pytest.MonkeyPatch.context() as crash:
+    _crash_after(crash, crash_round)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+      loop.run_experiment(setup.build_experiment(_config()), workdir,
+                          show_progress=False)
+
+
 def _records(workdir):
   return [{k: v for k, v in r.items() if k != "seconds"}
           for r in metrics_io.read_jsonl(os.path.join(workdir,
@@ -54,8 +80,10 @@ def _crash_after(monkeypatch, round_number):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("whole"))
-  summary = loop.run_experiment(setup.build_experiment(_config()), workdir,
-                                show_progress=False)
+  with pytest.MonkeyPatch.context() as patcher:
+    _fix_secret(patcher)
+    summary = loop.run_experiment(setup.build_experiment(_config()), workdir,
+                                  show_progress=False)
   return workdir, summary
 
 
@@ -63,11 +91,7 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted, tmp_path,
                                               monkeypatch):
   whole, whole_summary = uninterrupted
   workdir = str(tmp_path / "run")
-  _crash_after(monkeypatch, 8)
-  with pytest.raises(RuntimeError, match="simulated crash"):
-    loop.run_experiment(setup.build_experiment(_config()), workdir,
-                        show_progress=False)
-  monkeypatch.undo()
+  _crashed_run(workdir, monkeypatch, 8)
   # Checkpoints after rounds 3 and 6; rounds 7 was written after the last.
   assert [r["round"] for r in _records(workdir)] == list(range(1, 8))
   summary = loop.run_experiment(setup.build_experiment(_config()), workdir,
@@ -93,11 +117,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(
     uninterrupted, tmp_path, monkeypatch):
   whole, _ = uninterrupted
   workdir = str(tmp_path / "run")
-  _crash_after(monkeypatch, 8)
-  with pytest.raises(RuntimeError):
-    loop.run_experiment(setup.build_experiment(_config()), workdir,
-                        show_progress=False)
-  monkeypatch.undo()
+  _crashed_run(workdir, monkeypatch, 8)
   newest = os.path.join(workdir, resume.CHECKPOINT_DIR, "6")
   damaged = 0
   for path in glob.glob(os.path.join(newest, "state", "**", "*"),
@@ -121,11 +141,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(
 
 def test_changed_config_is_refused(tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
-  _crash_after(monkeypatch, 5)
-  with pytest.raises(RuntimeError):
-    loop.run_experiment(setup.build_experiment(_config()), workdir,
-                        show_progress=False)
-  monkeypatch.undo()
+  _crashed_run(workdir, monkeypatch, 5)
   config = _config()
   config.client.learning_rate = 0.5
   with pytest.raises(resume.ResumeError, match="client.learning_rate"):
@@ -138,11 +154,12 @@ def test_changed_config_is_refused(tmp_path, monkeypatch):
 
 
 def test_unfinished_run_without_checkpoint_starts_over_and_keeps_files(
-    uninterrupted, tmp_path):
+    uninterrupted, tmp_path, monkeypatch):
   whole, _ = uninterrupted
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "metrics.jsonl").write_text('{"round": 1}\n')
+  _fix_secret(monkeypatch)
   loop.run_experiment(setup.build_experiment(_config()), str(workdir),
                       show_progress=False)
   assert (workdir / "unfinished-1" / "metrics.jsonl").read_text() == (
