@@ -163,11 +163,16 @@ def _segment_positions(lengths: np.ndarray) -> np.ndarray:
 
 
 def _client_stream(num_examples: int, stream_length: int, seed: int,
-                   round_index: int, client_index: int) -> np.ndarray:
-  """First ``stream_length`` local rows of a client's epoch-shuffled stream."""
+                   round_index: int, client_index: int,
+                   shuffle: bool = True) -> np.ndarray:
+  """First ``stream_length`` local rows of a client's stream of epochs
+  (each epoch a fresh permutation, or the rows in order)."""
   if stream_length == 0:
     return np.zeros([0], np.int64)
   epochs_needed = -(-stream_length // num_examples)
+  if not shuffle:
+    return np.tile(np.arange(num_examples, dtype=np.int64),
+                   epochs_needed)[:stream_length]
   perms = [
       np.random.default_rng(
           [seed, round_index, client_index, epoch, _SHUFFLE_SALT]
@@ -200,7 +205,8 @@ def make_cohort(store: ClientStore, client_indices: np.ndarray, *,
                 step_buckets: Sequence[int] | None = None,
                 cohort_buckets: Sequence[int] | None = None,
                 cohort_multiple_of: int = 1,
-                min_cohort_size: int = 0) -> CohortBatch:
+                min_cohort_size: int = 0,
+                shuffle: bool = True) -> CohortBatch:
   """Builds the padded ``[C, S, B, ...]`` batch for one round.
 
   Args:
@@ -217,6 +223,8 @@ def make_cohort(store: ClientStore, client_indices: np.ndarray, *,
     cohort_multiple_of: ``C`` is a multiple of this (device sharding).
     min_cohort_size: pad ``C`` to at least this (e.g. the expected Poisson
       cohort size, to keep ``C`` stable across rounds).
+    shuffle: shuffle each client's examples every epoch (``False``: every
+      epoch walks the client's rows in stored order).
 
   Returns:
     A :class:`CohortBatch` with ``C = round_up_to_bucket(max(K,
@@ -255,7 +263,8 @@ def make_cohort(store: ClientStore, client_indices: np.ndarray, *,
   # but is cut at steps * B when max_steps caps it.
   stream_lengths = np.minimum(sizes * num_epochs, steps * batch_size)
   local_rows = [
-      _client_stream(int(size), int(length), seed, round_index, int(client))
+      _client_stream(int(size), int(length), seed, round_index, int(client),
+                     shuffle)
       for client, size, length in zip(indices, sizes, stream_lengths)
   ]
   local_rows = (np.concatenate(local_rows) if local_rows
@@ -327,17 +336,65 @@ def make_eval_batches(
   return features, mask.reshape(shape)
 
 
+def make_client_eval_batches(
+    store: ClientStore, client_positions: np.ndarray, batch_size: int,
+    num_padded_clients: int | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Every example of each listed client, as padded per-client batches.
+
+  Args:
+    store: the clients' (test) examples.
+    client_positions: ``[K]`` positions in ``store``.
+    batch_size: examples per batch ``B``.
+    num_padded_clients: ``C >= K`` (default ``K``); clients ``K..C-1`` are
+      all padding.
+
+  Returns:
+    ``(features, mask)``: name -> ``[C, T, B, ...]`` (client ``k``'s examples
+    in store order at its first ``n_k`` slots, zeros elsewhere) and float32
+    ``mask [C, T, B]``. ``T = round_up_to_bucket(ceil(max n_k / B))``.
+  """
+  positions = np.asarray(client_positions, np.int64)
+  num_clients = len(positions)
+  padded_clients = num_clients if num_padded_clients is None else int(
+      num_padded_clients)
+  if padded_clients < num_clients:
+    raise ValueError(f"num_padded_clients={padded_clients} < {num_clients} "
+                     "clients.")
+  sizes = store.client_sizes[positions]
+  num_batches = round_up_to_bucket(
+      -(-int(sizes.max(initial=0)) // batch_size))
+  slots_per_client = num_batches * batch_size
+  within = _segment_positions(sizes)
+  rows = np.repeat(store.offsets[positions], sizes) + within
+  destinations = (np.repeat(np.arange(num_clients, dtype=np.int64), sizes) *
+                  slots_per_client + within)
+  num_slots = padded_clients * slots_per_client
+  shape = (padded_clients, num_batches, batch_size)
+  features = _gather_padded(
+      dict(store.features), rows, destinations, num_slots, shape)
+  mask = np.zeros(num_slots, np.float32)
+  mask[destinations] = 1.0
+  return features, mask.reshape(shape)
+
+
 def make_round_cohort(store: ClientStore, client_indices: np.ndarray, *,
                       batch_size: int, num_epochs: int,
                       max_steps: int | None, seed: int, round_index: int,
                       fixed_cohort_size: int | None = None,
-                      cohort_multiple_of: int = 1) -> CohortBatch:
+                      cohort_multiple_of: int = 1,
+                      step_buckets: Sequence[int] | None = None,
+                      shuffle: bool = True) -> CohortBatch:
   """The cohort of a training round, as the runner (and the benchmark) builds it.
 
   Clients are ordered largest first, so a chunk of similar clients stops
   together (the round result does not depend on the order). A fixed-size
   cohort (``fixed_cohort_size``) is padded to exactly that size rounded up to
-  ``cohort_multiple_of``; a Poisson cohort to the bucket series.
+  ``cohort_multiple_of``; a Poisson cohort to the bucket series. Local steps
+  are padded to the geometric bucket series unless ``step_buckets`` is given
+  (:func:`fixed_step_padding` gives one bucket that fits every client, so a
+  run compiles once); ``shuffle=False`` batches each client's examples in
+  stored order.
   """
   client_indices = np.asarray(client_indices, dtype=np.int64)
   order = np.argsort(-store.client_sizes[client_indices], kind="stable")
@@ -348,4 +405,15 @@ def make_round_cohort(store: ClientStore, client_indices: np.ndarray, *,
   return make_cohort(store, client_indices[order], batch_size=batch_size,
                      num_epochs=num_epochs, max_steps=max_steps, seed=seed,
                      round_index=round_index, cohort_buckets=cohort_buckets,
-                     cohort_multiple_of=cohort_multiple_of)
+                     cohort_multiple_of=cohort_multiple_of,
+                     step_buckets=step_buckets, shuffle=shuffle)
+
+
+def fixed_step_padding(store: ClientStore, batch_size: int,
+                       num_epochs: int = 1,
+                       max_steps: int | None = None) -> list[int]:
+  """One step bucket that fits every client of ``store``: pass it as
+  ``step_buckets`` to pad every round to the same ``S`` (one compilation, at
+  the cost of padding small cohorts to the largest client's steps)."""
+  steps = client_steps(store.client_sizes, batch_size, num_epochs, max_steps)
+  return [max(int(steps.max(initial=0)), 1)]

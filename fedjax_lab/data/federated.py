@@ -145,6 +145,48 @@ class FederatedDataset:
   input_shape: tuple[int, ...]
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+  @classmethod
+  def from_client_arrays(
+      cls, train: Mapping[str, Mapping[str, np.ndarray]],
+      test: Mapping[str, Mapping[str, np.ndarray]], *, name: str = "custom",
+      num_classes: int | None = None,
+      info: Mapping[str, Any] | None = None) -> "FederatedDataset":
+    """A dataset from a user's own arrays: ``{client_id: {"x": [n, ...],
+    "y": [n]}}`` for the training clients and for the test clients (the
+    test side may be the same users' held-out examples or other users).
+
+    ``num_classes`` defaults to ``max(y) + 1`` over both splits (pass it when
+    some class never occurs); ``input_shape`` is read from ``x``.
+    """
+    stores = {}
+    for split, clients in (("train", train), ("test", test)):
+      if not clients:
+        raise ValueError(f"{split} has no clients.")
+      for client_id, arrays in clients.items():
+        missing = {"x", "y"} - set(arrays)
+        if missing:
+          raise ValueError(
+              f"{split} client {client_id!r} lacks feature(s) "
+              f"{sorted(missing)}; every client needs 'x' and 'y' arrays.")
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1:
+          raise ValueError(
+              f"{split} client {client_id!r} has features of different "
+              f"lengths {lengths}.")
+      ids = list(clients)
+      stores[split] = ClientStore.from_client_arrays(
+          ids, [clients[i] for i in ids])
+    labels = np.concatenate([stores["train"].features["y"].ravel(),
+                             stores["test"].features["y"].ravel()])
+    if num_classes is None:
+      if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError("y is not integer; pass num_classes explicitly.")
+      num_classes = int(labels.max(initial=0)) + 1
+    return cls(name=name, train=stores["train"], test=stores["test"],
+               num_classes=int(num_classes),
+               input_shape=tuple(stores["train"].features["x"].shape[1:]),
+               info=dict(info or {"source": "user arrays"}))
+
   def summary(self) -> dict[str, Any]:
     """Sizes that a researcher checks first, as plain Python values."""
     sizes = self.train.client_sizes

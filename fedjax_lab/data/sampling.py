@@ -19,6 +19,9 @@ Three schemes are provided:
   ``cohort_size`` at a time, so every client takes part in at most one round
   per epoch. This is what DP-FTRL's tree-aggregation accounting assumes
   (:mod:`fedjax_lab.privacy.tree`).
+
+:class:`ScheduleSampler` (``kind = "schedule"``) replays a given list of
+cohorts instead of drawing them.
 """
 
 from __future__ import annotations
@@ -177,6 +180,68 @@ class ShuffledSampler(UniformSampler):
   def __repr__(self) -> str:
     return (f"ShuffledSampler(num_clients={self.num_clients}, "
             f"cohort_size={self.cohort_size}, seed={self.seed})")
+
+
+class ScheduleSampler:
+  """Replays a given list of cohorts: round ``t`` trains ``cohorts[t]``.
+
+  For reproducing another system's run or a hand-chosen schedule. The
+  schedule is fixed before training, so it is a pure function of the round
+  like the random samplers, and resume replays it exactly. It carries no
+  privacy amplification (nothing about it is random), so a DP run refuses
+  it.
+
+  Attributes:
+    num_clients: population size N; clients are positions ``0..N-1``.
+    cohorts: one sorted ``int64`` array of distinct positions per round.
+    kind: ``"schedule"``.
+  """
+
+  kind = "schedule"
+
+  def __init__(self, num_clients: int, cohorts):
+    self.num_clients = check_int("num_clients", num_clients, 1)
+    checked = []
+    for round_index, cohort in enumerate(cohorts):
+      positions = np.asarray(cohort)
+      if positions.ndim != 1 or (positions.size and not np.issubdtype(
+          positions.dtype, np.integer)):
+        raise ValueError(
+            f"cohort of round {round_index} must be a 1-D list of client "
+            f"positions, got {cohort!r}.")
+      positions = np.sort(positions.astype(np.int64))
+      if positions.size and (positions[0] < 0 or
+                             positions[-1] >= self.num_clients):
+        raise ValueError(
+            f"cohort of round {round_index} names client positions outside "
+            f"[0, {self.num_clients}): {positions.tolist()}.")
+      if np.any(np.diff(positions) == 0):
+        raise ValueError(
+            f"cohort of round {round_index} repeats a client: "
+            f"{positions.tolist()}.")
+      checked.append(positions)
+    if not checked:
+      raise ValueError("a schedule needs at least one cohort.")
+    self.cohorts = tuple(checked)
+
+  @property
+  def num_rounds(self) -> int:
+    """How many rounds the schedule covers."""
+    return len(self.cohorts)
+
+  def sample(self, round_index: int) -> np.ndarray:
+    """The scheduled cohort of round ``round_index`` (sorted int64)."""
+    round_index = check_int("round_index", round_index, 0)
+    if round_index >= len(self.cohorts):
+      raise IndexError(
+          f"the schedule has {len(self.cohorts)} cohorts; round "
+          f"{round_index + 1} has none (run at most {len(self.cohorts)} "
+          "rounds).")
+    return self.cohorts[round_index].copy()
+
+  def __repr__(self) -> str:
+    return (f"ScheduleSampler(num_clients={self.num_clients}, "
+            f"num_rounds={self.num_rounds})")
 
 
 _KIND_ALIASES = {"fixed": "fixed", "uniform": "fixed", "poisson": "poisson",

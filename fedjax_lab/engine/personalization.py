@@ -155,49 +155,6 @@ class PersonalizationResult:
     return out
 
 
-def make_client_eval_batches(
-    store: ClientStore, client_positions: np.ndarray, batch_size: int,
-    num_padded_clients: int | None = None
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """Every example of each listed client, as padded per-client batches.
-
-  Args:
-    store: the clients' (test) examples.
-    client_positions: ``[K]`` positions in ``store``.
-    batch_size: examples per batch ``B``.
-    num_padded_clients: ``C >= K`` (default ``K``); clients ``K..C-1`` are
-      all padding.
-
-  Returns:
-    ``(features, mask)``: name -> ``[C, T, B, ...]`` (client ``k``'s examples
-    in store order at its first ``n_k`` slots, zeros elsewhere) and float32
-    ``mask [C, T, B]``. ``T = round_up_to_bucket(ceil(max n_k / B))``.
-  """
-  positions = np.asarray(client_positions, np.int64)
-  num_clients = len(positions)
-  padded_clients = num_clients if num_padded_clients is None else int(
-      num_padded_clients)
-  if padded_clients < num_clients:
-    raise ValueError(f"num_padded_clients={padded_clients} < {num_clients} "
-                     "clients.")
-  sizes = store.client_sizes[positions]
-  num_batches = cohort_lib.round_up_to_bucket(
-      -(-int(sizes.max(initial=0)) // batch_size))
-  slots_per_client = num_batches * batch_size
-  within = cohort_lib._segment_positions(  # pylint: disable=protected-access
-      sizes)
-  rows = np.repeat(store.offsets[positions], sizes) + within
-  destinations = (np.repeat(np.arange(num_clients, dtype=np.int64), sizes) *
-                  slots_per_client + within)
-  num_slots = padded_clients * slots_per_client
-  shape = (padded_clients, num_batches, batch_size)
-  features = cohort_lib._gather_padded(  # pylint: disable=protected-access
-      dict(store.features), rows, destinations, num_slots, shape)
-  mask = np.zeros(num_slots, np.float32)
-  mask[destinations] = 1.0
-  return features, mask.reshape(shape)
-
-
 def match_test_clients(train_store: ClientStore, test_store: ClientStore,
                        client_indices: np.ndarray) -> np.ndarray:
   """Positions in ``test_store`` of the train clients at ``client_indices``.
@@ -357,7 +314,7 @@ def build_personalization_evaluator(
     global_sums, personalized_sums = [], []
     for start in range(0, num_clients, clients_per_chunk):
       members = order[start:start + clients_per_chunk]
-      test_features, test_mask = make_client_eval_batches(
+      test_features, test_mask = cohort_lib.make_client_eval_batches(
           test_store, test_positions[members], eval_batch_size, chunk_size)
       padded_indices = np.zeros(chunk_size, np.int64)
       padded_indices[:len(members)] = train_indices[members]

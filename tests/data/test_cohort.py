@@ -374,3 +374,63 @@ def test_eval_batches_empty_store():
   features, mask = make_eval_batches(make_store([0, 0]), 4)
   assert mask.shape == (1, 4) and not np.any(mask)
   assert features["x"].shape == (1, 4, 3, 2)
+
+
+def test_in_order_batching_walks_each_clients_rows_in_stored_order():
+  store = make_store([5, 3])
+  batch = make_cohort(store, np.array([0, 1]), batch_size=2, num_epochs=2,
+                      seed=0, round_index=0, shuffle=False)
+  ids = batch.features["id"]
+  # Client 0 owns ids 1..5, two epochs in order, cut into batches of 2.
+  np.testing.assert_array_equal(ids[0].ravel()[:10],
+                                [1, 2, 3, 4, 5, 1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(ids[1].ravel()[:6], [6, 7, 8, 6, 7, 8])
+  # The same batch regardless of seed or round (nothing is random).
+  again = make_cohort(store, np.array([0, 1]), batch_size=2, num_epochs=2,
+                      seed=7, round_index=3, shuffle=False)
+  np.testing.assert_array_equal(again.features["id"], ids)
+  shuffled = make_cohort(store, np.array([0, 1]), batch_size=2,
+                         num_epochs=2, seed=0, round_index=0)
+  assert not np.array_equal(shuffled.features["id"], ids)
+  # Shuffling permutes within each epoch: the same examples are used.
+  np.testing.assert_array_equal(np.sort(shuffled.features["id"].ravel()),
+                                np.sort(ids.ravel()))
+
+
+def test_fixed_step_padding_gives_every_cohort_the_same_shape():
+  from fedjax_lab.data.cohort import fixed_step_padding, make_round_cohort
+  store = make_store([1, 2, 9, 40])
+  buckets = fixed_step_padding(store, batch_size=4, num_epochs=1)
+  assert buckets == [10]
+  shapes = {make_round_cohort(store, np.array(c), batch_size=4, num_epochs=1,
+                              max_steps=None, seed=0, round_index=0,
+                              step_buckets=buckets).padded_shape[1]
+            for c in ([0], [0, 1], [2, 3], [3])}
+  assert shapes == {10}
+  bucketed = {make_round_cohort(store, np.array(c), batch_size=4,
+                                num_epochs=1, max_steps=None, seed=0,
+                                round_index=0).padded_shape[1]
+              for c in ([0], [2])}
+  assert bucketed == {1, 3}
+  assert fixed_step_padding(store, batch_size=4, max_steps=5) == [5]
+
+
+def test_make_client_eval_batches_places_each_clients_rows():
+  from fedjax_lab.data.cohort import make_client_eval_batches
+  store = make_store([6, 0, 3, 9])
+  positions = np.array([2, 1, 3])  # client 1 has no examples
+  features, mask = make_client_eval_batches(store, positions, batch_size=4,
+                                            num_padded_clients=4)
+  assert mask.shape == (4, 3, 4)  # ceil(9 / 4) = 3 batches
+  for slot, k in enumerate(positions):
+    n = store.client_sizes[k]
+    flat_mask = mask[slot].reshape(-1)
+    assert flat_mask[:n].all() and not flat_mask[n:].any()
+    np.testing.assert_array_equal(features["id"][slot].reshape(-1)[:n],
+                                  store.client(k)["id"])
+    np.testing.assert_array_equal(features["x"][slot].reshape(-1, 3, 2)[:n],
+                                  store.client(k)["x"])
+  assert not mask[3].any()
+  with pytest.raises(ValueError, match="num_padded_clients"):
+    make_client_eval_batches(store, positions, batch_size=4,
+                             num_padded_clients=2)

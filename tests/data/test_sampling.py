@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fedjax_lab.data.sampling import (PoissonSampler, ShuffledSampler,
-                                      UniformSampler, make_sampler)
+from fedjax_lab.data.sampling import (PoissonSampler, ScheduleSampler,
+                                      ShuffledSampler, UniformSampler,
+                                      make_sampler)
 
 
 def _check_cohort(cohort, num_clients):
@@ -323,3 +324,24 @@ def test_make_sampler_rejects_bad_configs(kind, kwargs, error):
   with pytest.raises(ValueError, match=error):
     make_sampler(kind, 10, **kwargs)
 
+
+
+def test_schedule_sampler_replays_the_given_cohorts_sorted():
+  sampler = ScheduleSampler(10, [[3, 1], [9], [0, 2, 4]])
+  assert sampler.kind == "schedule"
+  assert sampler.num_rounds == 3
+  np.testing.assert_array_equal(sampler.sample(0), [1, 3])
+  np.testing.assert_array_equal(sampler.sample(2), [0, 2, 4])
+  assert sampler.sample(1).dtype == np.int64
+  # Pure function of the round: asking again (or out of order) is the same.
+  np.testing.assert_array_equal(sampler.sample(0), [1, 3])
+  with pytest.raises(IndexError, match="3 cohorts"):
+    sampler.sample(3)
+
+
+@pytest.mark.parametrize("cohorts, match", [
+    ([[0, 10]], "outside"), ([[1, 1]], "repeats"), ([], "at least one"),
+    ([[0.5]], "1-D list"), ([[[0, 1]]], "1-D list")])
+def test_schedule_sampler_refuses_bad_schedules(cohorts, match):
+  with pytest.raises(ValueError, match=match):
+    ScheduleSampler(10, cohorts)

@@ -213,23 +213,6 @@ def test_test_clients_are_matched_by_id():
                                  rtol=1e-6)
 
 
-def test_make_client_eval_batches_places_each_clients_rows():
-  train, _ = _stores(seed=1)
-  positions = np.array([3, 5, 0])  # client 5 has no train examples
-  features, mask = personalization.make_client_eval_batches(
-      train, positions, batch_size=4, num_padded_clients=4)
-  longest = int(train.client_sizes[positions].max())
-  assert mask.shape[0] == 4 and mask.shape[2] == 4
-  assert mask.shape[1] >= -(-longest // 4)
-  for slot, k in enumerate(positions):
-    n = train.client_sizes[k]
-    flat_mask = mask[slot].reshape(-1)
-    assert flat_mask[:n].all() and not flat_mask[n:].any()
-    np.testing.assert_array_equal(
-        features["x"][slot].reshape(-1, 8)[:n], train.client(k)["x"])
-  assert not mask[3].any()
-
-
 def test_summary_matches_numpy():
   rng = np.random.default_rng(0)
   num_clients = 23
