@@ -7,8 +7,9 @@ background thread while the device runs round t
 
 A run lives in its workdir. Re-running the same command on a workdir whose
 run was interrupted (killed, Ctrl-C, SIGTERM, a crash) resumes it from its
-newest readable checkpoint (:mod:`fedjax_lab.training.resume`); the resumed
-rounds and metrics are the ones an uninterrupted run produces.
+newest readable checkpoint (:mod:`fedjax_lab.training.workdir`, which also
+locks the workdir against a second run); the resumed rounds and metrics are
+the ones an uninterrupted run produces.
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ from fedjax_lab.data.prefetch import Prefetcher
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.evaluate import build_evaluator
 from fedjax_lab.privacy import accounting
-from fedjax_lab.training import checkpoint
 from fedjax_lab.training import metrics_io
 from fedjax_lab.training import personalize as personalize_lib
 from fedjax_lab.training import privacy_run
-from fedjax_lab.training import resume
 from fedjax_lab.training import setup
 from fedjax_lab.training import sinks
+from fedjax_lab.training import state_files
+from fedjax_lab.training import workdir as workdir_lib
 from fedjax_lab.training.setup import Experiment, describe_devices
 
 
-# The server state after the last round (load with checkpoint.load_pytree and
+# The server state after the last round (load with state_files.load_pytree and
 # a freshly initialised server state as the template). In a DP run it holds
 # the model parameters only (the release): the rest of the server state
 # (optimizer and aggregator state, DP-FTRL's tree key) stays in the
@@ -50,7 +51,7 @@ from fedjax_lab.training.setup import Experiment, describe_devices
 FINAL_STATE_FILE = "final_state.npz"
 
 
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = workdir_lib.SUMMARY_FILE
 
 
 class DivergedError(RuntimeError):
@@ -89,24 +90,6 @@ def _stop_requests() -> Iterator[list[str]]:
       signal.signal(sig, old)
 
 
-def _dist_version(name: str) -> str:
-  from importlib import metadata  # pylint: disable=g-import-not-at-top
-  try:
-    return metadata.version(name)
-  except metadata.PackageNotFoundError:
-    return "unknown"
-
-
-def versions() -> dict[str, str]:
-  """Versions of the libraries a run's numbers depend on."""
-  import flax, jaxlib, optax  # pylint: disable=g-import-not-at-top,multiple-imports
-  return {"python": sys.version.split()[0], "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-          "optax": optax.__version__,
-          "dp_accounting": _dist_version("dp-accounting"),
-          "numpy": np.__version__, "backend": jax.default_backend()}
-
-
 def _to_python(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -143,68 +126,6 @@ def _personalization(exp: Experiment):
   return personalize_lib.build_runner(exp.config, exp.model, exp.dataset)
 
 
-def _set_aside_unfinished(workdir: str, exclude: tuple[str, ...]) -> str:
-  """Moves a run's files into ``workdir/unfinished-<n>``; returns that path."""
-  n = 1
-  while os.path.exists(target := os.path.join(workdir, f"unfinished-{n}")):
-    n += 1
-  os.makedirs(target)
-  excluded = {os.path.abspath(p) for p in exclude}
-  for name in os.listdir(workdir):
-    path = os.path.join(workdir, name)
-    if (name.startswith("unfinished-") or path == target or
-        os.path.abspath(path) in excluded):
-      continue
-    os.replace(path, os.path.join(target, name))
-  return target
-
-
-def _open_or_resume(workdir: str, config_dict, like,
-                    checkpoints: resume.RunCheckpoints, plan):
-  """Starts a fresh run in ``workdir`` or restores the interrupted one there.
-
-  Returns ``(rounds_done, state or None, checkpoint record or {})``.
-  """
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  config_path = os.path.join(workdir, "config.json")
-
-  def start_fresh():
-    os.makedirs(workdir, exist_ok=True)
-    metrics_io.write_json(config_path, config_dict)
-    metrics_io.write_json(os.path.join(workdir, "versions.json"), versions())
-    return 0, None, {}
-
-  if not os.path.exists(metrics_path):
-    return start_fresh()
-  if os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
-    raise FileExistsError(
-        f"{workdir} already holds a finished run ({SUMMARY_FILE} is there); "
-        "pass a new --workdir (nothing there was changed).")
-  if os.path.exists(config_path):
-    resume.check_resumable(config_path, config_dict)
-  restored = checkpoints.restore_latest(like)
-  if restored is None:
-    # Stopped before its first checkpoint: start over, keeping what it wrote.
-    kept = _set_aside_unfinished(workdir, exclude=(checkpoints.directory,))
-    print(f"{workdir}: the unfinished run there has no readable checkpoint; "
-          f"starting over (its files were moved to {kept})", file=sys.stderr)
-    return start_fresh()
-  rounds_done, state, record = restored
-  if plan is not None and rounds_done:
-    spent = accounting.epsilon(plan.spec, rounds_done, plan.delta)
-    if not math.isclose(spent, record.get("epsilon", spent), rel_tol=1e-9):
-      raise resume.ResumeError(
-          f"the privacy ledger of the checkpoint says epsilon="
-          f"{record['epsilon']:.6g} after {rounds_done} rounds but this "
-          f"config's accountant gives {spent:.6g}; the privacy settings "
-          "changed. Pass a new --workdir.")
-  metrics_io.write_json(config_path, config_dict)
-  print(f"resuming {workdir} after round {rounds_done} (checkpoint "
-        f"{os.path.join(checkpoints.directory, str(rounds_done))})",
-        file=sys.stderr)
-  return rounds_done, state, record
-
-
 def run_experiment(exp: Experiment, workdir: str,
                    show_progress: bool = True) -> dict[str, Any]:
   """Trains ``exp`` for ``config.num_rounds`` rounds; returns the summary.
@@ -225,8 +146,19 @@ def run_experiment(exp: Experiment, workdir: str,
     FileExistsError: ``workdir`` holds a finished run (left untouched). An
       unfinished run without a readable checkpoint is moved to
       ``workdir/unfinished-<n>`` and the run starts over.
-    resume.ResumeError: the run in ``workdir`` used another config.
+    workdir_lib.ResumeError: the run in ``workdir`` used another config, or
+      its ``metrics.jsonl`` is damaged before its last line.
+    workdir_lib.WorkdirError: another run holds ``workdir``, or it is not a
+      writable directory, or the disk filled up (what was written is kept;
+      re-run to resume).
   """
+  with workdir_lib.locked(workdir):
+    return _run_experiment(exp, workdir, show_progress)
+
+
+def _run_experiment(exp: Experiment, workdir: str,
+                    show_progress: bool) -> dict[str, Any]:
+  """:func:`run_experiment` while holding ``workdir``'s lock."""
   config = exp.config
   privacy = exp.privacy
   config_dict = privacy_run.resolved_config(
@@ -251,12 +183,10 @@ def run_experiment(exp: Experiment, workdir: str,
   if privacy is not None:
     accountant = accounting.RoundAccountant(privacy.spec, privacy.delta)
 
-  checkpoints = resume.RunCheckpoints(
-      os.path.join(workdir, resume.CHECKPOINT_DIR),
-      config.get("checkpoints_to_keep", 3))
-  start_round, restored, saved = _open_or_resume(
-      workdir, config_dict, (server_state, client_states), checkpoints,
-      accountant)
+  checkpoints, start_round, restored, saved = workdir_lib.open_or_resume(
+      workdir, config_dict, (server_state, client_states),
+      checkpoints_to_keep=config.get("checkpoints_to_keep", 3),
+      accountant=accountant)
   if restored is not None:
     server_state, client_states = restored
   try:
@@ -266,7 +196,7 @@ def run_experiment(exp: Experiment, workdir: str,
         accountant=accountant)
   except privacy_run.MissingSecretError as e:
     checkpoints.close()
-    raise resume.ResumeError(f"{workdir}: {e}") from None
+    raise workdir_lib.ResumeError(f"{workdir}: {e}") from None
   if private.private:
     print(private.report(config.num_rounds), file=sys.stderr)
   # A DP run samples its cohorts with the secret seed (amplification by
@@ -446,7 +376,7 @@ def run_experiment(exp: Experiment, workdir: str,
     summary["personalization"] = personalize_lib.describe(last_personalization)
   summary.update(private.summary_fields(rounds_done))
   summary = private.release_summary(summary)
-  checkpoint.save_pytree(os.path.join(workdir, FINAL_STATE_FILE),
+  state_files.save_pytree(os.path.join(workdir, FINAL_STATE_FILE),
                          server_state.params if private.private
                          else server_state)
   metrics_io.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
@@ -461,8 +391,8 @@ def load_final_state(workdir: str, like: Any) -> Any:
   with np.load(path) as data:
     num_arrays = len(data.files)
   if num_arrays == len(jax.tree.leaves(like)):
-    return checkpoint.load_pytree(path, like)
-  return checkpoint.load_pytree(path, like.params)
+    return state_files.load_pytree(path, like)
+  return state_files.load_pytree(path, like.params)
 
 
 def _diverged(metrics: dict[str, float],

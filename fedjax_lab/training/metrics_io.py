@@ -1,4 +1,10 @@
-"""Writing metrics and summaries to disk (JSON, JSON lines)."""
+"""Writing metrics and summaries to disk (JSON, JSON lines) and reading them.
+
+JSON files are written atomically (a synced temporary file renamed into
+place), so a failed write (a crash, a full disk) leaves the previous file.
+JSON-lines files are appended one flushed line per record; a crash can only
+tear the last line, which :func:`read_jsonl` drops when asked to.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,20 @@ import json
 import math
 import os
 from typing import Any
+
+
+class MetricsFileError(ValueError):
+  """A JSON-lines file holds a line that is not a JSON object.
+
+  Attributes:
+    path: the file.
+    line_number: the 1-based number of the offending line.
+  """
+
+  def __init__(self, path: str, line_number: int, message: str):
+    super().__init__(f"{path}, line {line_number}: {message}")
+    self.path = path
+    self.line_number = line_number
 
 
 def _clean(value: Any) -> Any:
@@ -20,12 +40,28 @@ def _clean(value: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON atomically (temp file + rename)."""
+  """Writes ``obj`` as indented JSON atomically (synced temp file + rename).
+
+  On failure the previous file at ``path`` is untouched and the temporary
+  file is removed.
+  """
   tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(_clean(obj), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(_clean(obj), f, indent=2, sort_keys=True)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def record_line(record: dict[str, Any]) -> str:
+  """The JSON-lines line (with its newline) of one record."""
+  return json.dumps(_clean(record), sort_keys=True) + "\n"
 
 
 class JsonlWriter:
@@ -36,14 +72,48 @@ class JsonlWriter:
     self._file = open(path, "a")
 
   def write(self, record: dict[str, Any]) -> None:
-    self._file.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+    self._file.write(record_line(record))
     self._file.flush()
 
   def close(self) -> None:
     self._file.close()
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """All records of a JSON-lines file."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl_lines(path: str, allow_torn_tail: bool = False
+                     ) -> list[tuple[int, str, dict[str, Any]]]:
+  """``(line number, line, record)`` for each non-blank line of a JSON-lines
+  file (numbers are 1-based; ``line`` ends with its newline).
+
+  With ``allow_torn_tail`` a last line without its newline (torn by a crash
+  or a full disk while it was written) is dropped.
+
+  Raises:
+    MetricsFileError: a (kept) line is not a JSON object; it names the line.
+  """
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  torn = lines.pop()  # what follows the last newline ("" when none is torn)
+  if torn.strip() and not allow_torn_tail:
+    lines.append(torn)
+  out = []
+  for number, raw in enumerate(lines, start=1):
+    if not raw.strip():
+      continue
+    try:
+      line = raw.decode("utf-8")
+      record = json.loads(line)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError
+      shown = raw[:60].decode("utf-8", "replace")
+      raise MetricsFileError(path, number,
+                             f"not valid JSON ({shown!r}: {e})") from None
+    if not isinstance(record, dict):
+      raise MetricsFileError(path, number,
+                             f"a JSON {type(record).__name__}, not an object")
+    out.append((number, line + "\n", record))
+  return out
+
+
+def read_jsonl(path: str, allow_torn_tail: bool = False
+               ) -> list[dict[str, Any]]:
+  """All records of a JSON-lines file (see :func:`read_jsonl_lines`)."""
+  return [record for _, _, record in read_jsonl_lines(path, allow_torn_tail)]

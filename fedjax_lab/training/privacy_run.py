@@ -207,12 +207,12 @@ def run_sampler(experiment, workdir: str):
   """The cohort sampler a finished or interrupted run in ``workdir`` used:
   for a DP run, seeded with the secret kept in its checkpoint (for the
   curator's own analyses, e.g. the canary audit's participation counts)."""
-  from fedjax_lab.training import resume  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from fedjax_lab.training import setup  # pylint: disable=g-import-not-at-top
   if experiment.privacy is None:
     return experiment.sampler
-  checkpoints = resume.RunCheckpoints(os.path.join(workdir,
-                                                   resume.CHECKPOINT_DIR))
+  checkpoints = workdir_lib.RunCheckpoints(
+      os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
   try:
     record = checkpoints.latest_record()
   finally:

@@ -2,13 +2,19 @@
 
 Every writer takes the loop's per-round records (flat dicts with an integer
 ``round`` key) through one interface: ``write(record)``, ``flush()``,
-``truncate_after(last_round)`` and ``close()``. Writes are flushed at once, so
-a crash loses nothing already written.
+``truncate_after(last_round, history)`` and ``close()``. Writes are flushed
+at once, so a crash loses nothing already written.
 
 Resuming from a checkpoint taken after round ``R``: open each sink with
-``resume_after=R`` (or call ``truncate_after(R)`` before the first write).
-Afterwards readers see every record with ``round <= R`` from before and none
-with ``round > R`` (the resumed run writes those again):
+``resume_after=R`` (or call ``truncate_after(R, history)`` before the first
+write). Afterwards readers see every record with ``round <= R`` from before
+and none with ``round > R`` (the resumed run writes those again). With a
+``history`` (the records of rounds ``1..R``; :func:`open_writers` reads them
+from ``metrics.jsonl``) every sink ends up holding exactly those rounds: a
+sink keeps its leading records while their rounds match the history's and
+writes the rest from the history, so a sink whose last record was torn by a
+crash, or that was switched on only now, agrees with an uninterrupted run.
+Without a history each sink keeps what it holds up to round ``R``:
 
 * JSON lines and CSV: the file is rewritten without the later rows.
 * TensorBoard: the logdir's event files are rewritten without the events at
@@ -47,8 +53,9 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from fedjax_lab.training import metrics_io
 from fedjax_lab.training.tfevents import (SESSION_LOG_START, encode_event,
-                                          event_step, read_tfrecords,
-                                          scalar_summary, tfrecord)
+                                          event_has_summary, event_step,
+                                          read_tfrecords, scalar_summary,
+                                          tfrecord)
 
 STEP_KEY = "round"
 PRIVACY_KEYS = frozenset({
@@ -64,7 +71,9 @@ class MetricsWriter(Protocol):
 
   def write(self, record: Mapping[str, Any]) -> None: ...
   def flush(self) -> None: ...
-  def truncate_after(self, last_round: int) -> None: ...
+  def truncate_after(self, last_round: int,
+                     history: Sequence[Mapping[str, Any]] | None = None
+                     ) -> None: ...
   def close(self) -> None: ...
 
 
@@ -89,10 +98,19 @@ def numeric_items(record: Mapping[str, Any]) -> list[tuple[str, float]]:
 
 
 def _replace_file(path: str, text: str) -> None:
+  """Replaces ``path``'s content atomically; on failure (e.g. a full disk)
+  the old file is left as it was and the temporary file removed."""
   tmp = f"{path}.tmp"
-  with open(tmp, "w", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", newline="") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def _round_of(value: Any) -> float:
@@ -103,32 +121,57 @@ def _round_of(value: Any) -> float:
     return -math.inf
 
 
+def _matching_prefix(rounds: Sequence[float],
+                     history: Sequence[Mapping[str, Any]]) -> int:
+  """How many leading ``rounds`` (a sink's, in file order) are the rounds of
+  ``history``'s leading records, in the same order."""
+  n = 0
+  while (n < min(len(rounds), len(history)) and
+         rounds[n] == _round_of(history[n].get(STEP_KEY))):
+    n += 1
+  return n
+
+
 class JsonlWriter(metrics_io.JsonlWriter):
   """``metrics.jsonl`` (one JSON object a line) with resume truncation.
 
   Without ``resume_after`` the file starts empty (as every sink here does).
   """
 
-  def __init__(self, path: str, resume_after: int | None = None):
+  def __init__(self, path: str, resume_after: int | None = None,
+               history: Sequence[Mapping[str, Any]] | None = None):
     if resume_after is None and os.path.exists(path):
       os.remove(path)  # a fresh run starts a fresh file
     super().__init__(path)
     if resume_after is not None:
-      self.truncate_after(resume_after)
+      self.truncate_after(resume_after, history)
 
   def flush(self) -> None:
     """Records are flushed as they are written; kept for the interface."""
     self._file.flush()
 
-  def truncate_after(self, last_round: int) -> None:
-    """Rewrites the file without the records whose round is > last_round."""
+  def truncate_after(self, last_round: int,
+                     history: Sequence[Mapping[str, Any]] | None = None
+                     ) -> None:
+    """Rewrites the file without the records whose round is > last_round
+    (and without a last line torn by a crash); with ``history``, as exactly
+    its records (see the module docstring).
+
+    Raises:
+      metrics_io.MetricsFileError: a line before the last is not a record.
+    """
     self._file.close()
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip()]
-    if lines and not lines[-1].endswith("\n"):
-      lines.pop()  # a line torn by a crash
-    kept = [line for line in lines
-            if _round_of(json.loads(line).get(STEP_KEY)) <= last_round]
+    entries = metrics_io.read_jsonl_lines(self.path, allow_torn_tail=True)
+    if history is None:
+      kept = [line for _, line, record in entries
+              if _round_of(record.get(STEP_KEY)) <= last_round]
+    else:
+      history = [r for r in history if _round_of(r.get(STEP_KEY)) <= last_round]
+      n = _matching_prefix(
+          [_round_of(record.get(STEP_KEY)) for _, _, record in entries],
+          history)
+      kept = ([line for _, line, _ in entries[:n]] +
+              [metrics_io.record_line(dict(r)) for r in history[n:]])
     _replace_file(self.path, "".join(kept))
     self._file = open(self.path, "a")
 
@@ -151,19 +194,17 @@ class CsvWriter:
   ``csv.DictReader`` reads. Floats are written as their shortest exact repr.
   """
 
-  def __init__(self, path: str, resume_after: int | None = None):
+  def __init__(self, path: str, resume_after: int | None = None,
+               history: Sequence[Mapping[str, Any]] | None = None):
     self.path = path
     self._columns: list[str] = []
     self._rows: list[dict[str, str]] = []
     self._file = None
     if resume_after is not None and os.path.exists(path):
-      with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        self._rows = list(reader)
-        self._columns = list(reader.fieldnames or [])
+      self._columns, self._rows = _read_csv(path)
     self._rewrite()
     if resume_after is not None:
-      self.truncate_after(resume_after)
+      self.truncate_after(resume_after, history)
 
   def _rewrite(self) -> None:
     text = io.StringIO()
@@ -176,14 +217,22 @@ class CsvWriter:
     _replace_file(self.path, text.getvalue())
     self._file = open(self.path, "a", newline="")
 
-  def write(self, record: Mapping[str, Any]) -> None:
-    """Appends one row (rewriting the file first if a key is new)."""
+  def _add_row(self, record: Mapping[str, Any]) -> dict[str, str]:
+    """Adds a row to the ones in memory; returns it, or None if the header
+    widened (then the file must be rewritten)."""
     row = {k: _csv_cell(v) for k, v in record.items()}
     self._rows.append(row)
     new_keys = [k for k in row if k not in self._columns]
     if new_keys:
       columns = self._columns + new_keys
       self._columns = sorted(columns, key=lambda c: c != STEP_KEY)  # stable
+      return None
+    return row
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    """Appends one row (rewriting the file first if a key is new)."""
+    row = self._add_row(record)
+    if row is None:
       self._rewrite()
     else:
       csv.DictWriter(self._file, self._columns, restval="").writerow(row)
@@ -193,15 +242,43 @@ class CsvWriter:
     """Rows are flushed as they are written; kept for the interface."""
     self._file.flush()
 
-  def truncate_after(self, last_round: int) -> None:
-    """Rewrites the file without the rows whose round is > last_round."""
-    self._rows = [r for r in self._rows
-                  if _round_of(r.get(STEP_KEY)) <= last_round]
+  def truncate_after(self, last_round: int,
+                     history: Sequence[Mapping[str, Any]] | None = None
+                     ) -> None:
+    """Rewrites the file without the rows whose round is > last_round; with
+    ``history``, as exactly its rounds (see the module docstring)."""
+    if history is None:
+      self._rows = [r for r in self._rows
+                    if _round_of(r.get(STEP_KEY)) <= last_round]
+    else:
+      history = [r for r in history if _round_of(r.get(STEP_KEY)) <= last_round]
+      n = _matching_prefix([_round_of(r.get(STEP_KEY)) for r in self._rows],
+                           history)
+      del self._rows[n:]
+      for record in history[n:]:
+        self._add_row(record)
     self._rewrite()
 
   def close(self) -> None:
     """Closes the file."""
     self._file.close()
+
+
+def _read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
+  """``(columns, rows)`` of a CSV file this writer wrote; a last row torn by a
+  crash (no newline) is dropped, and an unreadable file gives no rows (the
+  history then rewrites them)."""
+  with open(path, newline="") as f:
+    text = f.read()
+  if not text.endswith("\n"):
+    text = text[:text.rfind("\n") + 1]  # drop a torn last row
+  try:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = [{k: v or "" for k, v in row.items() if k is not None}
+            for row in reader]
+    return list(reader.fieldnames or []), rows
+  except csv.Error:
+    return [], []
 
 
 _EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")
@@ -217,7 +294,8 @@ class TensorBoardWriter:
   key as a ``simple_value`` (float32) under :func:`scalar_tag`'s tag.
   """
 
-  def __init__(self, logdir: str, resume_after: int | None = None):
+  def __init__(self, logdir: str, resume_after: int | None = None,
+               history: Sequence[Mapping[str, Any]] | None = None):
     os.makedirs(logdir, exist_ok=True)
     self.logdir = logdir
     stamps = [int(m.group(1)) for name in os.listdir(logdir)
@@ -228,7 +306,7 @@ class TensorBoardWriter:
     self._file = open(self.path, "xb")
     self._append(encode_event(time.time(), 0, file_version="brain.Event:2"))
     if resume_after is not None:
-      self.truncate_after(resume_after)
+      self.truncate_after(resume_after, history)
 
   def _append(self, event: bytes) -> None:
     self._file.write(tfrecord(event))
@@ -236,42 +314,73 @@ class TensorBoardWriter:
 
   def write(self, record: Mapping[str, Any]) -> None:
     """Writes the record's numeric values at step ``record["round"]``."""
-    scalars = [(scalar_tag(k), v) for k, v in numeric_items(record)]
-    if scalars:
-      self._append(encode_event(time.time(), int(record[STEP_KEY]),
-                                summary=scalar_summary(scalars)))
+    event = _scalars_event(record)
+    if event is not None:
+      self._append(event)
 
   def flush(self) -> None:
     """Events are flushed as they are written; kept for the interface."""
     self._file.flush()
 
-  def truncate_after(self, last_round: int) -> None:
+  def truncate_after(self, last_round: int,
+                     history: Sequence[Mapping[str, Any]] | None = None
+                     ) -> None:
     """Drops every event at a step > last_round from the logdir's files.
 
     The files are rewritten (for readers without restart logic, such as the
     Rust data server or third-party parsers), and a SessionLog START at step
     ``last_round + 1`` is appended so that a TensorBoard that already loaded
-    the old values purges them (``EventAccumulator`` restart logic).
+    the old values purges them (``EventAccumulator`` restart logic). With
+    ``history``, the rounds of it that the files lack (a record torn by a
+    crash, a deleted file) are written again from it, after dropping every
+    event from the first missing round on (values stay in step order).
     """
     self._file.close()
-    for name in sorted(os.listdir(self.logdir)):
-      if _EVENT_FILE.match(name):
-        path = os.path.join(self.logdir, name)
-        events = read_tfrecords(path)
-        kept = [e for e in events if event_step(e) <= last_round]
-        if len(kept) < len(events) or os.path.getsize(path) != sum(
-            len(e) + 16 for e in events):
-          tmp = os.path.join(self.logdir, ".truncating")  # readers skip it
+    paths = [os.path.join(self.logdir, name)
+             for name in sorted(os.listdir(self.logdir))
+             if _EVENT_FILE.match(name)]
+    files = {path: read_tfrecords(path) for path in paths}
+    limit, backfill = last_round, []
+    if history is not None:
+      held = {event_step(e) for events in files.values() for e in events
+              if event_has_summary(e)}
+      expected = [r for r in history if numeric_items(r) and
+                  _round_of(r.get(STEP_KEY)) <= last_round]
+      missing = [r for r in expected if int(r[STEP_KEY]) not in held]
+      if missing:
+        limit = int(missing[0][STEP_KEY]) - 1
+        backfill = [r for r in expected if int(r[STEP_KEY]) > limit]
+    for path, events in files.items():
+      kept = [e for e in events if event_step(e) <= limit]
+      if len(kept) < len(events) or os.path.getsize(path) != sum(
+          len(e) + 16 for e in events):
+        tmp = os.path.join(self.logdir, ".truncating")  # readers skip it
+        try:
           with open(tmp, "wb") as f:
             f.write(b"".join(tfrecord(e) for e in kept))
           os.replace(tmp, path)
+        except BaseException:
+          if os.path.exists(tmp):
+            os.remove(tmp)
+          raise
     self._file = open(self.path, "ab")
+    for record in backfill:
+      self._append(_scalars_event(record))
     self._append(encode_event(time.time(), last_round + 1,
                               session_log_status=SESSION_LOG_START))
 
   def close(self) -> None:
     """Closes the event file."""
     self._file.close()
+
+
+def _scalars_event(record: Mapping[str, Any]) -> bytes | None:
+  """The Event of a record's numeric values (None when it has none)."""
+  scalars = [(scalar_tag(k), v) for k, v in numeric_items(record)]
+  if not scalars:
+    return None
+  return encode_event(time.time(), int(record[STEP_KEY]),
+                      summary=scalar_summary(scalars))
 
 
 class WandbWriter:
@@ -308,8 +417,11 @@ class WandbWriter:
   def flush(self) -> None:
     """W&B sends in the background; nothing to do."""
 
-  def truncate_after(self, last_round: int) -> None:
+  def truncate_after(self, last_round: int,
+                     history: Sequence[Mapping[str, Any]] | None = None
+                     ) -> None:
     """Not possible inside a W&B run: pass ``resume_after`` instead."""
+    del history
     raise NotImplementedError(
         "W&B history cannot be truncated from inside a run; construct the "
         f"WandbWriter with resume_after={last_round} (W&B run rewind)")
@@ -335,10 +447,13 @@ class MultiWriter:
     for writer in self.writers:
       writer.flush()
 
-  def truncate_after(self, last_round: int) -> None:
-    """Truncates every writer after ``last_round``."""
+  def truncate_after(self, last_round: int,
+                     history: Sequence[Mapping[str, Any]] | None = None
+                     ) -> None:
+    """Truncates every writer after ``last_round`` (see the module
+    docstring for ``history``)."""
     for writer in self.writers:
-      writer.truncate_after(last_round)
+      writer.truncate_after(last_round, history)
 
   def close(self) -> None:
     """Closes every writer, even if one fails (the first error is raised)."""
@@ -364,26 +479,37 @@ def open_writers(workdir: str, sinks: Sequence[str], *,
 
   Files: ``metrics.jsonl``, ``metrics.csv``, ``tensorboard/`` (event files),
   and for W&B ``wandb_run_id.txt`` (the run id a resumed run continues).
-  ``resume_after=R`` reopens them, keeping only rounds <= R.
+  ``resume_after=R`` reopens them, keeping only rounds <= R; the records of
+  those rounds in ``metrics.jsonl`` (when it is there) are the history every
+  sink is completed from (see the module docstring).
+
+  Raises:
+    metrics_io.MetricsFileError: resuming, and a line of ``metrics.jsonl``
+      before its last is not a record (nothing was changed).
   """
   unknown = [s for s in sinks if s not in SINK_NAMES]
   if unknown:
     raise ValueError(f"unknown metrics sinks {unknown}; known: {SINK_NAMES}")
+  jsonl_path = os.path.join(workdir, "metrics.jsonl")
+  history = None
+  if resume_after is not None and os.path.exists(jsonl_path):
+    history = [r for r in metrics_io.read_jsonl(jsonl_path,
+                                                allow_torn_tail=True)
+               if _round_of(r.get(STEP_KEY)) <= resume_after]
   writers: list[MetricsWriter] = []
   try:
     for name in dict.fromkeys(sinks):
       if name == "jsonl":
-        writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
-                                   resume_after))
+        writers.append(JsonlWriter(jsonl_path, resume_after, history))
       elif name == "csv":
         writers.append(CsvWriter(os.path.join(workdir, "metrics.csv"),
-                                 resume_after))
+                                 resume_after, history))
       elif name == "tensorboard":
         writers.append(TensorBoardWriter(
-            os.path.join(workdir, "tensorboard"), resume_after))
+            os.path.join(workdir, "tensorboard"), resume_after, history))
       else:
         writers.append(_wandb_writer(workdir, wandb_project, config,
-                                     resume_after))
+                                     resume_after, history))
   except Exception:
     MultiWriter(writers).close()
     raise
@@ -392,8 +518,11 @@ def open_writers(workdir: str, sinks: Sequence[str], *,
 
 def _wandb_writer(workdir: str, project: str,
                   config: Mapping[str, Any] | None,
-                  resume_after: int | None) -> WandbWriter:
-  """A W&B writer whose run id is kept in ``workdir`` for resuming."""
+                  resume_after: int | None,
+                  history: Sequence[Mapping[str, Any]] | None = None
+                  ) -> WandbWriter:
+  """A W&B writer whose run id is kept in ``workdir`` for resuming (a run
+  started while resuming first logs the ``history``)."""
   id_path = os.path.join(workdir, WANDB_RUN_ID_FILE)
   if resume_after is not None and os.path.exists(id_path):
     with open(id_path) as f:
@@ -403,4 +532,6 @@ def _wandb_writer(workdir: str, project: str,
   writer = WandbWriter(project, config, run_id=run_id)
   with open(id_path, "w") as f:
     f.write(run_id + "\n")
+  for record in history or ():
+    writer.write(record)
   return writer

@@ -104,22 +104,37 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
       return value, pos
 
 
-def event_step(event: bytes) -> int:
-  """The step (field 2, int64) of a serialized Event; 0 when absent."""
+def _fields(event: bytes):
+  """``(field number, wire type, value)`` of a serialized message's fields
+  (varints as ints, length-delimited fields as bytes, fixed ones as None)."""
   pos = 0
   while pos < len(event):
     key, pos = _read_varint(event, pos)
     wire_type = key & 7
     if wire_type == 0:
       value, pos = _read_varint(event, pos)
-      if key >> 3 == 2:
-        return value - (1 << 64) if value >> 63 else value
+      yield key >> 3, wire_type, value
     elif wire_type == 2:
       length, pos = _read_varint(event, pos)
+      yield key >> 3, wire_type, event[pos:pos + length]
       pos += length
     else:  # 1: 64-bit, 5: 32-bit
       pos += 8 if wire_type == 1 else 4
+      yield key >> 3, wire_type, None
+
+
+def event_step(event: bytes) -> int:
+  """The step (field 2, int64) of a serialized Event; 0 when absent."""
+  for number, wire_type, value in _fields(event):
+    if number == 2 and wire_type == 0:
+      return value - (1 << 64) if value >> 63 else value
   return 0
+
+
+def event_has_summary(event: bytes) -> bool:
+  """Whether a serialized Event carries a Summary (field 5), i.e. values."""
+  return any(number == 5 and wire_type == 2
+             for number, wire_type, _ in _fields(event))
 
 
 def read_tfrecords(path: str) -> list[bytes]:

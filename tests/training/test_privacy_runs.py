@@ -9,7 +9,8 @@ import pytest
 
 from configs import common
 from fedjax_lab.privacy import accounting
-from fedjax_lab.training import loop, metrics_io, resume, setup
+from fedjax_lab.training import loop, metrics_io, setup
+from fedjax_lab.training import workdir as workdir_lib
 
 
 def _dp_config(**privacy):
@@ -97,7 +98,8 @@ def test_run_stops_cleanly_at_the_budget_with_state_and_summary(tmp_path):
   assert jax.tree.structure(params) == jax.tree.structure(template.params)
   with np.load(tmp_path / loop.FINAL_STATE_FILE) as data:
     assert len(data.files) == len(jax.tree.leaves(template.params))
-  checkpoints = resume.RunCheckpoints(str(tmp_path / resume.CHECKPOINT_DIR))
+  checkpoints = workdir_lib.RunCheckpoints(
+      str(tmp_path / workdir_lib.CHECKPOINT_DIR))
   rounds_done, state, _ = checkpoints.restore_latest((template, ()))
   checkpoints.close()
   assert rounds_done == 3 and int(state[0].round) == 3
@@ -232,8 +234,8 @@ def test_runner_exits_2_on_a_refused_combination(tmp_path):
 
 
 def _checkpoint_seed(workdir):
-  checkpoints = resume.RunCheckpoints(os.path.join(workdir,
-                                                   resume.CHECKPOINT_DIR))
+  checkpoints = workdir_lib.RunCheckpoints(
+      os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
   try:
     step = checkpoints.steps()[-1]
     record = checkpoints._manager.restore(  # pylint: disable=protected-access
@@ -276,7 +278,7 @@ def test_a_checkpoint_without_its_noise_seed_is_not_resumed(tmp_path):
   workdir = tmp_path / "run"
   _run(config, workdir)
   (workdir / "summary.json").unlink()  # as if interrupted after round 6
-  for root, _, files in os.walk(workdir / resume.CHECKPOINT_DIR):
+  for root, _, files in os.walk(workdir / workdir_lib.CHECKPOINT_DIR):
     for name in files:
       path = os.path.join(root, name)
       if os.path.basename(root) == "record":
@@ -287,7 +289,7 @@ def test_a_checkpoint_without_its_noise_seed_is_not_resumed(tmp_path):
           del record["noise_seed"]
           with open(path, "w") as f:
             json.dump(record, f)
-  with pytest.raises(resume.ResumeError, match="no noise seed"):
+  with pytest.raises(workdir_lib.ResumeError, match="no noise seed"):
     _run(config, workdir)
 
 

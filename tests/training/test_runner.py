@@ -192,7 +192,7 @@ def test_adaptive_fedprox_records_mu_and_refuses_dp(tmp_path):
 
 def test_nan_midway_stops_and_keeps_the_last_good_checkpoint(tmp_path,
                                                              monkeypatch):
-  from fedjax_lab.training import resume  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   config = _load_config("synthetic_logreg_fedavg")
   config.num_rounds, config.checkpoint_every = 8, 2
   config.client.num_epochs = 1
@@ -213,6 +213,6 @@ def test_nan_midway_stops_and_keeps_the_last_good_checkpoint(tmp_path,
                         show_progress=False)
   records = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
-  steps = resume.RunCheckpoints(str(tmp_path / "checkpoints")).steps()
+  steps = workdir_lib.RunCheckpoints(str(tmp_path / "checkpoints")).steps()
   assert steps == [2, 4]
   assert not (tmp_path / "summary.json").exists()

@@ -297,3 +297,53 @@ def test_jsonl_resume_drops_a_line_torn_by_a_crash(tmp_path):
   resumed.close()
   assert [r["round"] for r in metrics_io.read_jsonl(path)] == [1, 2, 3, 4]
   assert metrics_io.read_jsonl(path)[-1]["train_loss"] == 9.0
+
+
+def test_resume_completes_every_sink_from_the_jsonl_history(tmp_path):
+  workdir = str(tmp_path)
+  writer = sinks.open_writers(workdir, ["jsonl", "csv", "tensorboard"])
+  for record in _records(range(1, 7)):
+    writer.write(record)
+  writer.close()
+  _, whole_rows = _csv_rows(os.path.join(workdir, "metrics.csv"))
+  csv_path = os.path.join(workdir, "metrics.csv")
+  with open(csv_path, "r+b") as f:  # round 6's row torn by a crash
+    f.truncate(os.path.getsize(csv_path) - 5)
+  logdir = os.path.join(workdir, "tensorboard")
+  (event_file,) = os.listdir(logdir)
+  events = tfevents.read_tfrecords(os.path.join(logdir, event_file))
+  with open(os.path.join(logdir, event_file), "wb") as f:  # rounds 5, 6 lost
+    f.write(b"".join(tfevents.tfrecord(e) for e in events
+                     if tfevents.event_step(e) < 5))
+  resumed = sinks.open_writers(workdir, ["jsonl", "csv", "tensorboard"],
+                               resume_after=6)
+  resumed.write(_records([7])[0])
+  resumed.close()
+  header, rows = _csv_rows(csv_path)
+  assert rows[:6] == whole_rows and [r["round"] for r in rows] == [
+      str(r) for r in range(1, 8)]
+  expected = _records(range(1, 8))
+  assert _accumulate(logdir)["train/loss"] == [
+      (r["round"], _f32(r["train_loss"])) for r in expected]
+  assert _accumulate(logdir)["eval/accuracy"] == [
+      (r, _f32(0.1 * r)) for r in (2, 4, 6)]
+  # A sink switched on only now starts with the earlier rounds too.
+  os.remove(csv_path)
+  sinks.open_writers(workdir, ["jsonl", "csv"], resume_after=7).close()
+  _, rows = _csv_rows(csv_path)
+  assert [float(r["train_loss"]) for r in rows] == [
+      r["train_loss"] for r in expected]
+
+
+def test_jsonl_line_damaged_before_the_last_is_an_error(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"round": 1}\n{"round": 2, "x\n{"round": 3}\n')
+  with pytest.raises(metrics_io.MetricsFileError, match="line 2"):
+    metrics_io.read_jsonl(str(path), allow_torn_tail=True)
+  with pytest.raises(metrics_io.MetricsFileError, match="line 2"):
+    sinks.JsonlWriter(str(path), resume_after=3)
+  path.write_text('{"round": 1}\n{"round": 2, "x')
+  assert metrics_io.read_jsonl(str(path), allow_torn_tail=True) == [
+      {"round": 1}]
+  with pytest.raises(metrics_io.MetricsFileError, match="line 2"):
+    metrics_io.read_jsonl(str(path))

@@ -1,9 +1,11 @@
-"""Saving and restoring pytrees of arrays (model and server state) atomically.
+"""Single-file states: pytrees of arrays saved to and loaded from ``.npz``.
 
-A state file is one ``.npz`` holding the leaves in tree order; restoring needs
-a template with the same structure (e.g. a freshly initialised state). Writes
-go to a temporary file first and are renamed into place, so an interrupted
-write never leaves a truncated file where a good one was.
+A state file (e.g. a run's ``final_state.npz``) is one ``.npz`` holding the
+leaves in tree order; loading needs a template with the same structure (e.g.
+a freshly initialised state). Writes go to a temporary file that is synced
+and renamed into place, so an interrupted or failed write (a crash, a full
+disk) never leaves a truncated file where a good one was. The run's resumable
+checkpoints are orbax directories instead (:mod:`fedjax_lab.training.workdir`).
 """
 
 from __future__ import annotations
@@ -18,26 +20,36 @@ import numpy as np
 PyTree = Any
 
 
-def _is_key(leaf: Any) -> bool:
+def is_prng_key(leaf: Any) -> bool:
+  """Whether ``leaf`` is a typed JAX PRNG key array."""
   return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype,
                                                          jax.dtypes.prng_key)
 
 
 def save_pytree(path: str, tree: PyTree) -> str:
-  """Writes ``tree``'s leaves to ``path`` (``.npz``) atomically; returns path."""
+  """Writes ``tree``'s leaves to ``path`` (``.npz``) atomically; returns path.
+
+  On failure (e.g. ``OSError`` ENOSPC) the previous file at ``path``, if any,
+  is left as it was and the temporary file is removed.
+  """
   leaves = jax.tree.leaves(jax.device_get(tree))
   arrays = {f"leaf_{i:05d}": np.asarray(jax.random.key_data(leaf)
-                                        if _is_key(leaf) else leaf)
+                                        if is_prng_key(leaf) else leaf)
             for i, leaf in enumerate(leaves)}
   directory = os.path.dirname(path)
   if directory:
     os.makedirs(directory, exist_ok=True)
   tmp_path = path + ".tmp"
-  with open(tmp_path, "wb") as f:
-    np.savez(f, **arrays)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp_path, path)
+  try:
+    with open(tmp_path, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
   return path
 
 
@@ -59,7 +71,7 @@ def load_pytree(path: str, like: PyTree) -> PyTree:
     restored = []
     for i, template in enumerate(leaves):
       value = data[f"leaf_{i:05d}"]
-      if _is_key(template):
+      if is_prng_key(template):
         restored.append(jax.random.wrap_key_data(
             value, impl=jax.random.key_impl(template)))
         continue
