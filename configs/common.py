@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from fedjax_lab import algorithms
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Keys every run has; experiment configs override what they need."""
@@ -35,34 +37,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.server = ml_collections.ConfigDict({
       "optimizer": "sgd", "learning_rate": 1.0, "hparams": {}})
   config.privacy = privacy_defaults()
-  # FedProx (algorithm="fedprox"): proximal weight and systems heterogeneity.
-  # adaptive_mu: Li et al.'s Appendix C.3.3 rule (mu starts at ``mu``, moves
-  # by adaptive_step, lowered after adaptive_decrease_after falling losses).
-  config.fedprox = ml_collections.ConfigDict({
-      "mu": 0.0, "straggler_fraction": 0.0, "straggler_min_steps": 1,
-      "drop_stragglers": False, "adaptive_mu": False, "adaptive_step": 0.1,
-      "adaptive_decrease_after": 5, "adaptive_max_mu": 1.0})
-  # SCAFFOLD (algorithm="scaffold"): client.optimizer must be sgd.
-  config.scaffold = ml_collections.ConfigDict({"option": "II"})
-  # Mime / MimeLite: the optimizer clients mimic (its state lives on the
-  # server, frozen in local steps; client.learning_rate is the step). optax
-  # momentum is undampened: its step is ~ lr / (1 - momentum).
-  config.mime = ml_collections.ConfigDict({
-      "base_optimizer": "momentum", "base_hparams": {"momentum": 0.9}})
-  # Reptile: every client takes exactly num_inner_steps full batches; the
-  # meta step size is server.learning_rate (server.optimizer sgd).
-  config.reptile = ml_collections.ConfigDict({"num_inner_steps": 10})
-  # Agnostic FedAvg: one domain per client (play | majority_label |
-  # client_id_prefix); loss_bound > 0 is advisable with DP.
-  config.agnostic_fedavg = ml_collections.ConfigDict({
-      "domain_kind": "majority_label", "domain_separator": "/",
-      "domain_learning_rate": 0.1, "window_size": 1,
-      "min_window_fraction": 0.0, "loss_bound": 0.0, "stats_scale": 1.0})
-  # HypCluster: K cluster models, k-means++-style or random init
-  # (init_clients 0 = cohort_size candidates); min_cluster_share > 0 with DP.
-  config.hypcluster = ml_collections.ConfigDict({
-      "num_clusters": 2, "init": "kmeans", "init_clients": 0,
-      "min_cluster_share": 0.0, "stats_scale": 1.0})
+  # One block per algorithm with options (fedprox, scaffold, mime, reptile,
+  # agnostic_fedavg, hypcluster, and any registered later): its keys and
+  # defaults are the keyword arguments of the recipe's build function in
+  # fedjax_lab/algorithms/<module>.py (documented there); an unknown key is
+  # refused when the config is validated.
+  for block, defaults in algorithms.config_blocks().items():
+    config[block] = ml_collections.ConfigDict(defaults)
   # Compression of client updates (any algorithm): none | quantize | top_k.
   config.compression = ml_collections.ConfigDict({
       "method": "none", "num_bits": 8, "rotation": "none", "per_leaf": True,

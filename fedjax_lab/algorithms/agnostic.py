@@ -49,11 +49,12 @@ import optax
 
 from fedjax_lab.algorithms import base
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.data.federated import FederatedDataset
+from fedjax_lab.algorithms import local
+from fedjax_lab.algorithms import recipe
+from fedjax_lab.algorithms.domains import client_domain_states
+from fedjax_lab.algorithms.domains import domain_fractions
+from fedjax_lab.algorithms.domains import domain_ids_from
 from fedjax_lab.models import base as model_base
-
-DOMAIN_KINDS = ("play", "majority_label", "client_id_prefix")
-
 
 class AgnosticStats(NamedTuple):
   """Server statistics of Agnostic FedAvg (``ServerState.extra``).
@@ -79,7 +80,7 @@ class AgnosticCarry(NamedTuple):
     domain_id: the client's domain, int32 scalar.
   """
 
-  local: fedavg.LocalCarry
+  local: local.LocalCarry
   global_params: base.PyTree
   start_loss_sum: jax.Array
   start_loss_weight: jax.Array
@@ -107,106 +108,6 @@ def domain_scale(stats: AgnosticStats,
   shares = jnp.maximum(jnp.mean(stats.domain_window, axis=0),
                        min_window_fraction)
   return stats.domain_weights / shares
-
-
-def client_domain_states(domain_ids, num_domains: int | None = None
-                         ) -> np.ndarray:
-  """Every client's persistent state: its domain id, int32 ``[num_clients]``.
-
-  Pass it as the stacked client states of the run (the engine's per-client
-  store gathers and scatters it; the algorithm returns it unchanged).
-
-  Raises:
-    ValueError: ids not 1-D, negative, or ``>= num_domains``.
-  """
-  ids = np.asarray(domain_ids)
-  if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-    raise ValueError(f"domain_ids must be a 1-D integer array, got shape "
-                     f"{ids.shape} and dtype {ids.dtype}.")
-  if ids.size and ids.min() < 0:
-    raise ValueError("domain ids must be >= 0.")
-  if num_domains is not None and ids.size and ids.max() >= num_domains:
-    raise ValueError(f"domain id {ids.max()} >= num_domains={num_domains}.")
-  return ids.astype(np.int32)
-
-
-def _index_names(keys: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
-  names, ids = np.unique(keys, return_inverse=True)
-  return ids.astype(np.int32), tuple(str(n) for n in names)
-
-
-def domain_ids_from(dataset: FederatedDataset, kind: str,
-                    separator: str = "/", num_labels: int | None = None
-                    ) -> tuple[np.ndarray, tuple[str, ...]]:
-  """Assigns every training client of ``dataset`` to one domain.
-
-  Args:
-    dataset: the federated dataset (its train store's clients, in order).
-    kind: ``"play"``: Shakespeare's play, the part of the client id before
-      ``separator`` (ids look like ``"hamlet/HAMLET"``; every id must contain
-      it); ``"majority_label"``: the client's most frequent training label
-      (ties: the smallest; integer labels ``y [N]``, e.g. mnist, digits,
-      synthetic); ``"client_id_prefix"``: the part of the id before the
-      first ``separator`` (the whole id if absent).
-    separator: the prefix separator for ``"play"`` / ``"client_id_prefix"``.
-    num_labels: ``"majority_label"`` only: number domains by label,
-      ``D = num_labels`` whatever the clients' labels are (a DP run: which
-      labels are some client's majority is private, so it must not set the
-      number of domains or their numbering).
-
-  Returns:
-    ``(domain_ids, names)``: int32 ``[num_clients]`` ids in ``[0, D)`` and the
-    ``D`` domain names, sorted (labels as ``"label_<y>"``). Without
-    ``num_labels`` only domains that some client belongs to are numbered.
-
-  Raises:
-    ValueError: unknown ``kind``, a ``"play"`` id without ``separator``, or
-      labels unsuitable for ``"majority_label"``.
-  """
-  store = dataset.train
-  ids = [str(i) for i in store.client_ids]
-  if kind in ("play", "client_id_prefix"):
-    if kind == "play":
-      missing = [i for i in ids if separator not in i]
-      if missing:
-        raise ValueError(f"kind='play' needs client ids '<play>{separator}"
-                         f"<speaker>', got e.g. {missing[0]!r}.")
-    return _index_names(np.asarray([i.split(separator, 1)[0] for i in ids]))
-  if kind == "majority_label":
-    labels = np.asarray(store.features["y"])
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError("kind='majority_label' needs integer class labels y "
-                       f"[N], got shape {labels.shape} ({labels.dtype}).")
-    owner = np.repeat(np.arange(store.num_clients), store.client_sizes)
-    width = int(labels.max(initial=0)) + 1
-    if num_labels is not None:
-      if width > num_labels:
-        raise ValueError(f"labels go up to {width - 1} but num_labels is "
-                         f"{num_labels}.")
-      width = num_labels
-    counts = np.zeros([store.num_clients, width], np.int64)
-    np.add.at(counts, (owner, labels), 1)
-    majority = np.argmax(counts, axis=1)
-    if num_labels is not None:
-      return (majority.astype(np.int32),
-              tuple(f"label_{u}" for u in range(num_labels)))
-    domain_ids, used = _index_names(majority)
-    return domain_ids, tuple(f"label_{u}" for u in used)
-  raise ValueError(f"kind must be one of {DOMAIN_KINDS}, got {kind!r}.")
-
-
-def domain_fractions(domain_ids, num_domains: int,
-                     client_sizes=None) -> np.ndarray:
-  """Population share of each domain, float64 ``[D]`` summing to 1.
-
-  Shares of examples when ``client_sizes`` is given (``num_examples``
-  weighting), else of clients. A sensible ``init_domain_window`` prior.
-  """
-  ids = client_domain_states(domain_ids, num_domains)
-  sizes = (np.ones(len(ids)) if client_sizes is None
-           else np.asarray(client_sizes, np.float64))
-  totals = np.bincount(ids, weights=sizes, minlength=num_domains)
-  return totals / max(totals.sum(), 1e-12)
 
 
 def _check_distribution(name: str, values, num_domains: int) -> np.ndarray:
@@ -279,7 +180,7 @@ def agnostic_fedavg(model: model_base.Model,
   Raises:
     ValueError: invalid sizes, distributions, rates or weighting.
   """
-  fedavg.check_weighting(weighting)
+  local.check_weighting(weighting)
   if num_domains < 1 or window_size < 1:
     raise ValueError(f"num_domains and window_size must be >= 1, got "
                      f"{num_domains} and {window_size}.")
@@ -356,7 +257,7 @@ def agnostic_fedavg(model: model_base.Model,
       scale = jnp.where(normaliser > 0, 1.0 / jnp.where(normaliser > 0,
                                                          normaliser, 1.0), 0.0)
       model_sum = jax.tree.map(lambda s: s * scale, model_sum)
-    state, metrics = fedavg.server_opt_update(server_optimizer, state,
+    state, metrics = local.server_opt_update(server_optimizer, state,
                                               model_sum)
     seen = count > 0
     domain_loss = jnp.where(seen, loss_sum / jnp.where(seen, count, 1.0), 0.0)
@@ -384,3 +285,77 @@ def agnostic_fedavg(model: model_base.Model,
       client_final=client_final, aggregator=aggregator,
       server_update=server_update,
       client_state_init=lambda params: jnp.zeros([], jnp.int32))
+
+
+# ---- recipe ------------------------------------------------------------------
+
+_FACTORY = recipe.keyword_defaults(agnostic_fedavg)
+_DOMAINS = recipe.keyword_defaults(domain_ids_from)
+
+
+def client_domains(context: recipe.BuildContext
+                   ) -> tuple[np.ndarray, tuple[str, ...]]:
+  """Each training client's domain id (``[num_clients]``) and the domain
+  names, from the ``agnostic_fedavg`` block. In a DP run majority-label
+  domains are numbered by label over all ``num_classes`` (which labels occur
+  is private); play and id-prefix domains come from client ids, which are
+  public metadata."""
+  options, dataset = context.options, context.dataset
+  private = context.mechanism != "none"
+  return domain_ids_from(
+      dataset, options["domain_kind"], options["domain_separator"],
+      num_labels=(dataset.num_classes if private and
+                  options["domain_kind"] == "majority_label" else None))
+
+
+def from_config(context: recipe.BuildContext, *,
+                domain_kind: str = "majority_label",
+                domain_separator: str = _DOMAINS["separator"],
+                domain_learning_rate: float = 0.1,
+                window_size: int = _FACTORY["window_size"],
+                min_window_fraction: float = 0.0,
+                loss_bound: float = 0.0,
+                stats_scale: float = _FACTORY["stats_scale"]
+                ) -> base.FederatedAlgorithm:
+  """Agnostic FedAvg from the ``agnostic_fedavg`` block.
+
+  ``domain_kind`` (play | majority_label | client_id_prefix) and
+  ``domain_separator`` assign the domains (:func:`domain_ids_from`);
+  ``min_window_fraction`` and ``loss_bound`` 0 mean "unset" (``loss_bound >
+  0`` is advisable with DP). Without DP the
+  window starts from the population's domain shares and the aggregate is
+  self-normalised; a DP run starts from uniform shares (the population's are
+  a statistic of every client's data) with the fixed denominator.
+  """
+  del domain_kind, domain_separator  # read by client_domains
+  ids, names = client_domains(context)
+  num_domains = len(names)
+  private = context.privacy is not None
+  sizes = (context.dataset.train.client_sizes
+           if context.weighting == "num_examples" else None)
+  window = (domain_fractions(ids, num_domains, sizes) if not private
+            else None)
+  return agnostic_fedavg(
+      context.model, context.client_optimizer, context.server_optimizer,
+      num_domains, domain_learning_rate, init_domain_window=window,
+      window_size=window_size,
+      min_window_fraction=min_window_fraction or None,
+      weighting=context.weighting, aggregator=context.aggregator,
+      self_normalize=not private, loss_bound=loss_bound or None,
+      stats_scale=stats_scale)
+
+
+def _client_states_init(context: recipe.BuildContext
+                        ) -> recipe.ClientStatesInit:
+  ids, names = client_domains(context)
+  domains = client_domain_states(ids, len(names))
+  # A fresh store per call: the runner writes client rows in place.
+  return lambda params, num_clients: domains.copy()
+
+
+RECIPE = recipe.Recipe(
+    "agnostic_fedavg", build=from_config, block="agnostic_fedavg",
+    refuses={"tree": "DP-FTRL noises the server optimizer's input, but "
+                     "agnostic FedAvg updates its domain weights outside it; "
+                     "use privacy.mechanism='gaussian' or 'adaptive'."},
+    client_states_init=_client_states_init)

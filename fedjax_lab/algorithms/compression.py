@@ -65,9 +65,9 @@ from jax.flatten_util import ravel_pytree
 
 from fedjax_lab.algorithms import base
 from fedjax_lab.algorithms import hadamard
-from fedjax_lab.privacy.clipping import clip_to_norm
-from fedjax_lab.privacy.clipping import global_norm
-from fedjax_lab.privacy.clipping import num_parameters
+from fedjax_lab.algorithms.tree_math import clip_to_norm
+from fedjax_lab.algorithms.tree_math import global_norm
+from fedjax_lab.algorithms.tree_math import num_parameters
 
 PyTree = base.PyTree
 ROTATIONS = ("none", "hadamard")

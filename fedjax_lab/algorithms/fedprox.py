@@ -52,12 +52,13 @@ import optax
 
 from fedjax_lab.algorithms import base
 from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import local
+from fedjax_lab.algorithms import recipe
 from fedjax_lab.models import base as model_base
 
 # Folded into a client's key for its straggler draws (training keeps the key
 # itself, so with no stragglers local training is bit-identical to FedAvg's).
 _STRAGGLER_RNG_TAG = 0x5EED
-
 
 
 class Snapshot(NamedTuple):
@@ -97,7 +98,7 @@ class ProxCarry(NamedTuple):
     mu: this round's proximal coefficient.
   """
 
-  local: fedavg.LocalCarry
+  local: local.LocalCarry
   global_params: base.PyTree
   num_steps: jax.Array
   straggler: StragglerCarry | tuple
@@ -244,9 +245,7 @@ def fedprox(model: model_base.Model,
     global_params, round_mu = split_broadcast(broadcast_value)
     zero = jnp.zeros([], jnp.float32)
     no_steps = jnp.zeros([], jnp.int32)
-    local = fedavg.LocalCarry(global_params,
-                              client_optimizer.init(global_params), rng, zero,
-                              zero)
+    local_carry = local.local_init(client_optimizer, global_params, rng)
     straggler = ()
     if with_stragglers:
       select_rng, reservoir_rng = jax.random.split(
@@ -256,48 +255,48 @@ def fedprox(model: model_base.Model,
           rng=reservoir_rng,
           snapshot=Snapshot(global_params, zero, zero, no_steps),
           has_snapshot=jnp.zeros([], bool))
-    return ProxCarry(local, global_params, no_steps, straggler,
+    return ProxCarry(local_carry, global_params, no_steps, straggler,
                      jnp.asarray(round_mu, jnp.float32))
 
   def offer_snapshot(carry):
     """Reservoir step: the state before this step may become the cut point."""
-    straggler, local, steps = carry.straggler, carry.local, carry.num_steps
+    straggler, live, steps = carry.straggler, carry.local, carry.num_steps
     candidates = (steps - straggler_min_steps + 1).astype(jnp.float32)
     u = jax.random.uniform(jax.random.fold_in(straggler.rng, steps))
     take = straggler.selected & (candidates >= 1) & (u * candidates < 1.0)
-    current = Snapshot(local.params, local.loss_sum, local.loss_weight, steps)
+    current = Snapshot(live.params, live.loss_sum, live.loss_weight, steps)
     return straggler._replace(
         snapshot=_where(take, current, straggler.snapshot),
         has_snapshot=straggler.has_snapshot | take)
 
   def client_step(carry, batch, mask):
     straggler = offer_snapshot(carry) if with_stragglers else ()
-    local = carry.local
-    rng, step_rng = jax.random.split(local.rng)
-    grads, loss_sum, weight_sum = fedavg.masked_loss_and_grad(
-        model, local.params, batch, mask, step_rng)
+    live = carry.local
+    rng, step_rng = jax.random.split(live.rng)
+    grads, loss_sum, weight_sum = local.masked_loss_and_grad(
+        model, live.params, batch, mask, step_rng)
     if mu or adaptive_mu is not None:  # static: mu = 0 is FedAvg exactly
       grads = jax.tree.map(lambda g, w, w0: g + carry.mu * (w - w0), grads,
-                           local.params, carry.global_params)
-    updates, opt_state = client_optimizer.update(grads, local.opt_state,
-                                                 local.params)
-    params = optax.apply_updates(local.params, updates)
-    local = fedavg.LocalCarry(params, opt_state, rng, local.loss_sum + loss_sum,
-                              local.loss_weight + weight_sum)
-    return ProxCarry(local, carry.global_params, carry.num_steps + 1,
+                           live.params, carry.global_params)
+    updates, opt_state = client_optimizer.update(grads, live.opt_state,
+                                                 live.params)
+    params = optax.apply_updates(live.params, updates)
+    live = local.LocalCarry(params, opt_state, rng, live.loss_sum + loss_sum,
+                            live.loss_weight + weight_sum)
+    return ProxCarry(live, carry.global_params, carry.num_steps + 1,
                      straggler, carry.mu)
 
   def client_final(broadcast_value, carry, num_examples):
     global_params, _ = split_broadcast(broadcast_value)
-    local = carry.local
-    done = Snapshot(local.params, local.loss_sum, local.loss_weight,
+    live = carry.local
+    done = Snapshot(live.params, live.loss_sum, live.loss_weight,
                     carry.num_steps)
     cut = jnp.zeros([], bool)
     if with_stragglers:
       cut = carry.straggler.selected & carry.straggler.has_snapshot
       done = _where(cut, carry.straggler.snapshot, done)
     delta = jax.tree.map(jnp.subtract, done.params, global_params)
-    weight = fedavg.client_weight(weighting, num_examples)
+    weight = local.client_weight(weighting, num_examples)
     if drop_stragglers:
       delta = jax.tree.map(lambda d: jnp.where(cut, jnp.zeros_like(d), d),
                            delta)
@@ -314,3 +313,50 @@ def fedprox(model: model_base.Model,
       client_init=client_init, client_step=client_step,
       client_final=client_final, server_update=server_update,
       server_update_uses_client_metrics=adaptive_mu is not None)
+
+
+# ---- recipe ------------------------------------------------------------------
+
+_FACTORY = recipe.keyword_defaults(fedprox)
+
+
+def from_config(context: recipe.BuildContext, *,
+                mu: float = 0.0,
+                straggler_fraction: float = _FACTORY["straggler_fraction"],
+                straggler_min_steps: int = _FACTORY["straggler_min_steps"],
+                drop_stragglers: bool = _FACTORY["drop_stragglers"],
+                adaptive_mu: bool = False,
+                adaptive_step: float = AdaptiveMu.step_size,
+                adaptive_decrease_after: int = AdaptiveMu.decrease_after,
+                adaptive_max_mu: float = AdaptiveMu.max_mu
+                ) -> base.FederatedAlgorithm:
+  """FedProx from the ``fedprox`` config block (keys = these keywords).
+
+  ``mu`` and the straggler keys are :func:`fedprox`'s arguments.
+  ``adaptive_mu`` switches on Li et al.'s Appendix C.3.3 rule
+  (:class:`AdaptiveMu`): ``mu`` starts at ``mu`` and moves by
+  ``adaptive_step``, lowered after ``adaptive_decrease_after`` falling
+  losses, capped at ``adaptive_max_mu``; it is refused with DP.
+  """
+  rule = (AdaptiveMu(step_size=adaptive_step,
+                     decrease_after=adaptive_decrease_after,
+                     max_mu=adaptive_max_mu) if adaptive_mu else None)
+  return fedprox(context.model, context.client_optimizer,
+                 context.server_optimizer, mu=mu,
+                 weighting=context.weighting, aggregator=context.aggregator,
+                 straggler_fraction=straggler_fraction,
+                 straggler_min_steps=straggler_min_steps,
+                 drop_stragglers=drop_stragglers, adaptive_mu=rule)
+
+
+def _refuse(context: recipe.BuildContext, mechanism: str) -> str | None:
+  if context.options["adaptive_mu"]:
+    return ("fedprox.adaptive_mu reads the clients' un-noised training loss "
+            "every round, which no DP mechanism accounts for; set "
+            "--config.fedprox.adaptive_mu=False with "
+            f"privacy.mechanism={mechanism!r}.")
+  return None
+
+
+RECIPE = recipe.Recipe("fedprox", build=from_config, block="fedprox",
+                       refuse=_refuse)

@@ -26,12 +26,15 @@ clusters count as chosen (the default 0 is exact without noise).
 
 Initialisation (FedJAX's ``random_init`` and ``kmeans_init``): differently
 seeded models, or a k-means++-like choice among locally trained client models
-(:func:`kmeans_init`). Evaluation: :func:`hypcluster_evaluate`.
+(:func:`kmeans_init`). Evaluation: :mod:`fedjax_lab.algorithms.
+hypcluster_eval`. Recipe ``hypcluster``: the ``hypcluster`` config block
+(:func:`from_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -41,13 +44,16 @@ import optax
 
 from fedjax_lab.algorithms import base
 from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import local
+from fedjax_lab.algorithms import recipe
+from fedjax_lab.algorithms.hypcluster_eval import build_cluster_losses
+from fedjax_lab.algorithms.hypcluster_eval import build_hypcluster_evaluator
+from fedjax_lab.algorithms.hypcluster_eval import client_batches
+from fedjax_lab.algorithms.hypcluster_eval import num_clusters_of
 from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data.federated import ClientStore
-from fedjax_lab.engine import round as round_lib
-from fedjax_lab.engine.strategy import Strategy
 from fedjax_lab.models import base as model_base
 
-_EVAL_SUBSAMPLE_SALT = 0x4C05
 
 
 class HypClusterCarry(NamedTuple):
@@ -55,7 +61,7 @@ class HypClusterCarry(NamedTuple):
   the broadcast models ``[K, ...]``, each one's summed loss on the local
   batches ``[K]`` and the batches' summed example weight."""
 
-  local: fedavg.LocalCarry
+  local: local.LocalCarry
   cluster_params: base.PyTree
   start_loss_sum: jax.Array
   start_loss_weight: jax.Array
@@ -64,14 +70,6 @@ class HypClusterCarry(NamedTuple):
 def _per_cluster(mask: jax.Array, leaf: jax.Array) -> jax.Array:
   """``mask [K]`` shaped to broadcast against a ``[K, ...]`` leaf."""
   return mask.reshape(mask.shape + (1,) * (leaf.ndim - 1))
-
-
-def num_clusters_of(cluster_params: base.PyTree) -> int:
-  """``K``, the leading axis shared by every leaf of stacked cluster params."""
-  sizes = {leaf.shape[0] for leaf in jax.tree.leaves(cluster_params)}
-  if len(sizes) != 1:
-    raise ValueError(f"cluster params need one leading axis K, got {sizes}.")
-  return sizes.pop()
 
 
 def hypcluster(model: model_base.Model,
@@ -107,7 +105,7 @@ def hypcluster(model: model_base.Model,
   Raises:
     ValueError: ``num_clusters < 1``, unknown weighting, bad scales.
   """
-  fedavg.check_weighting(weighting)
+  local.check_weighting(weighting)
   if num_clusters < 1:
     raise ValueError(f"num_clusters must be >= 1, got {num_clusters}.")
   if not stats_scale > 0 or not min_cluster_share >= 0:
@@ -156,7 +154,7 @@ def hypcluster(model: model_base.Model,
     choice = jnp.argmin(start_loss)  # ties: the lowest cluster index
     one_hot = jax.nn.one_hot(choice, num_clusters, dtype=jnp.float32)
     delta = jax.tree.map(
-        lambda local, glob: _per_cluster(one_hot, local) * (local - glob),
+        lambda mine, glob: _per_cluster(one_hot, mine) * (mine - glob),
         carry.local.params, cluster_params)
     metrics = {
         "train_loss": (carry.local.loss_sum[choice],
@@ -167,7 +165,7 @@ def hypcluster(model: model_base.Model,
       metrics[f"cluster_fraction_{k}"] = (one_hot[k], jnp.ones([]))
     return base.ClientUpdate(
         delta=(delta, stats_scale * one_hot),
-        weight=fedavg.client_weight(weighting, num_examples), client_state=(),
+        weight=local.client_weight(weighting, num_examples), client_state=(),
         metrics=metrics)
 
   def server_update(state, aggregate):
@@ -215,24 +213,15 @@ def train_clients_locally(model: model_base.Model,
                           client_indices, rng: jax.Array, *, batch_size: int,
                           num_epochs: int = 1, max_steps: int | None = None,
                           seed: int = 0) -> base.PyTree:
-  """The clients' models after local training from ``init_params`` (through
-  the engine, vectorised), stacked ``[len(client_indices), ...]``."""
+  """The clients' models after local training from ``init_params``
+  (vectorised, as a FedAvg round trains them), stacked
+  ``[len(client_indices), ...]``."""
   indices = np.asarray(client_indices, np.int64)
-  local = fedavg.fedopt(model, client_optimizer, optax.sgd(1.0))
-
-  def client_final(global_params, carry, num_examples):
-    del global_params
-    return base.ClientUpdate(delta=(), weight=jnp.zeros_like(num_examples),
-                             client_state=carry.params, metrics={})
-
-  local = dataclasses.replace(local, client_final=client_final,
-                              server_update=lambda state, agg: (state, {}))
-  cohort = round_lib.cohort_arrays(cohort_lib.make_cohort(
+  cohort = cohort_lib.make_cohort(
       store, indices, batch_size=batch_size, num_epochs=num_epochs,
-      max_steps=max_steps, seed=seed, round_index=0))
-  num_slots = cohort["client_mask"].shape[0]
-  _, trained, _ = round_lib.build_round(local, Strategy(), donate=False)(
-      local.server_init(init_params), cohort, jnp.zeros([num_slots]), rng)
+      max_steps=max_steps, seed=seed, round_index=0)
+  trained = local.train_clients(model, client_optimizer, init_params, cohort,
+                                rng)
   return jax.tree.map(lambda a: a[:len(indices)], trained)
 
 
@@ -272,167 +261,93 @@ def kmeans_init(model: model_base.Model,
   return jax.tree.map(lambda a: a[np.asarray(centers)], trained)
 
 
-# ---- evaluation ------------------------------------------------------------
+# ---- recipe ------------------------------------------------------------------
+
+INITS = ("kmeans", "random")
+# Mixed into the seed for the initial cluster models.
+_INIT_SALT = 0x4C05
+_FACTORY = recipe.keyword_defaults(hypcluster)
 
 
-class ClientBatches(NamedTuple):
-  """Padded batches tagged by client: ``features`` name -> ``[num_batches, B,
-  ...]``, float32 ``mask`` and int32 ``owner`` ``[num_batches, B]`` (the
-  example's client as a position in the reference store; 0 in padding) and
-  ``num_clients`` of the reference store."""
+def _initial_clusters(context: recipe.BuildContext, num_clusters: int,
+                      init: str, init_clients: int
+                      ) -> Callable[[], base.PyTree]:
+  """The ``K`` initial cluster models (computed once, on first use): random,
+  or k-means++-like from ``init_clients`` (0: ``cohort_size``) clients drawn
+  with the run's seed."""
+  config = context.config
+  rng = jax.random.fold_in(jax.random.key(config.seed), _INIT_SALT)
 
-  features: dict[str, np.ndarray]
-  mask: np.ndarray
-  owner: np.ndarray
-  num_clients: int
+  @functools.cache
+  def clusters():
+    if init == "random":
+      return random_init(context.model, num_clusters, rng)
+    num_clients = context.num_clients
+    count = min(init_clients or config.cohort_size, num_clients)
+    candidates = np.random.default_rng([config.seed, _INIT_SALT]).choice(
+        num_clients, count, replace=False)
+    return kmeans_init(
+        context.model, context.client_optimizer, context.dataset.train,
+        np.sort(candidates), num_clusters, rng,
+        batch_size=config.client.batch_size,
+        num_epochs=config.client.num_epochs,
+        max_steps=config.client.max_steps or None)
 
-
-def client_batches(store: ClientStore, batch_size: int,
-                   reference: ClientStore | None = None,
-                   max_examples: int | None = None) -> ClientBatches:
-  """Batches of ``store`` tagged with client positions in ``reference``.
-
-  Args:
-    store: the examples (e.g. the test split).
-    batch_size: examples per batch ``B``.
-    reference: the store whose client order ``owner`` refers to (e.g. the
-      train split), matched by client id; default ``store`` itself.
-    max_examples: evaluate a fixed random subset of this many examples.
-
-  Raises:
-    ValueError: a client of ``store`` missing from ``reference``.
-  """
-  reference = store if reference is None else reference
-  positions = np.arange(store.num_clients)
-  if reference is not store and not np.array_equal(reference.client_ids,
-                                                   store.client_ids):
-    where = {str(c): i for i, c in enumerate(reference.client_ids)}
-    missing = [str(c) for c in store.client_ids if str(c) not in where]
-    if missing:
-      raise ValueError(f"{len(missing)} client(s) of the store are not in "
-                       f"the reference, e.g. {missing[0]!r}.")
-    positions = np.asarray([where[str(c)] for c in store.client_ids])
-  owner = np.repeat(positions, store.client_sizes).astype(np.int32)
-  rows = np.arange(store.num_examples)
-  if max_examples is not None and max_examples < len(rows):
-    rows = np.sort(np.random.default_rng(
-        [_EVAL_SUBSAMPLE_SALT, len(rows)]).choice(len(rows), max_examples,
-                                                  replace=False))
-  num_batches = max(-(-len(rows) // batch_size), 1)
-  padded = num_batches * batch_size
-
-  def pad(column):
-    out = np.zeros((padded,) + column.shape[1:], column.dtype)
-    out[:len(rows)] = column[rows]
-    return out.reshape((num_batches, batch_size) + column.shape[1:])
-
-  mask = np.zeros(padded, np.float32)
-  mask[:len(rows)] = 1.0
-  return ClientBatches(
-      {n: pad(np.asarray(a)) for n, a in store.features.items()},
-      mask.reshape(num_batches, batch_size), pad(owner), reference.num_clients)
+  return clusters
 
 
-def build_cluster_losses(model: model_base.Model
-                         ) -> Callable[[base.PyTree, ClientBatches],
-                                       np.ndarray]:
-  """Returns ``losses(cluster_params, batches) -> [num_clients, K]``.
-
-  Each entry is a client's mean evaluation-mode loss under a cluster model
-  (0 for a client without examples); one jitted call per batch, all ``K``
-  models vmapped, per-client sums by segment sum.
-  """
-
-  @jax.jit
-  def batch_sums(cluster_params, batch, mask, owner, loss_total,
-                 weight_total):
-    def one_model(params):
-      loss, weight = model.example_loss(
-          model.apply(params, batch, None, False), batch)
-      return loss * mask, weight * mask
-
-    loss, weight = jax.vmap(one_model)(cluster_params)  # [K, B]
-    num = loss_total.shape[1]
-    by_client = jax.vmap(lambda v: jax.ops.segment_sum(v, owner, num))
-    return loss_total + by_client(loss), weight_total + by_client(weight)
-
-  def losses(cluster_params, batches):
-    shape = (num_clusters_of(cluster_params), batches.num_clients)
-    loss_total = jnp.zeros(shape, jnp.float32)
-    weight_total = jnp.zeros(shape, jnp.float32)
-    for i in range(batches.mask.shape[0]):
-      loss_total, weight_total = batch_sums(
-          cluster_params, {k: v[i] for k, v in batches.features.items()},
-          batches.mask[i], batches.owner[i], loss_total, weight_total)
-    loss_total, weight_total = jax.device_get((loss_total, weight_total))
-    return (loss_total / np.maximum(weight_total, 1e-12)).T
-
-  return losses
+def from_config(context: recipe.BuildContext, *,
+                num_clusters: int = 2,
+                init: str = "kmeans",
+                init_clients: int = 0,
+                min_cluster_share: float = _FACTORY["min_cluster_share"],
+                stats_scale: float = _FACTORY["stats_scale"]
+                ) -> base.FederatedAlgorithm:
+  """HypCluster from the ``hypcluster`` block: ``num_clusters`` models
+  initialised by ``init`` (``kmeans``: from ``init_clients`` locally trained
+  clients, 0 = ``cohort_size``; ``random``, required with DP);
+  ``server_init`` ignores the loop's single model and starts from them.
+  ``min_cluster_share > 0`` is advisable with DP (noisy cluster counts)."""
+  if init not in INITS:
+    raise ValueError(f"hypcluster.init must be one of {INITS}, got "
+                     f"{init!r}.")
+  algorithm = hypcluster(
+      context.model, context.client_optimizer, context.server_optimizer,
+      num_clusters, weighting=context.weighting,
+      aggregator=context.aggregator, min_cluster_share=min_cluster_share,
+      stats_scale=stats_scale)
+  clusters = _initial_clusters(context, num_clusters, init, init_clients)
+  return dataclasses.replace(
+      algorithm, server_init=lambda params: algorithm.server_init(clusters()))
 
 
-def build_hypcluster_evaluator(model: model_base.Model
-                               ) -> Callable[[base.PyTree, ClientBatches,
-                                              ClientBatches], dict[str, float]]:
-  """Returns ``evaluate(cluster_params, train_batches, test_batches)``.
-
-  Every client is assigned to the cluster with the lowest mean loss on its
-  training batches (clients without training examples: cluster 0); each test
-  example is scored by its client's cluster. ``test_batches`` must tag
-  examples with positions in the training store
-  (``client_batches(test, B, reference=train)``). Build once and reuse: the
-  jitted batch functions compile once per batch shape.
-
-  Returns ``{metric: value}`` over all test examples (``loss``,
-  ``accuracy``, ... as :func:`fedjax_lab.engine.evaluate.build_evaluator`)
-  plus ``cluster_clients_<k>``, the training clients (with examples) per
-  cluster.
-  """
-  losses_of = build_cluster_losses(model)
-  metric_fns = {"loss": model.example_loss, **model.example_metrics}
-
-  @jax.jit
-  def batch_sums(cluster_params, batch, mask, clusters, totals):
-    logits = jax.vmap(lambda p: model.apply(p, batch, None, False))(
-        cluster_params)  # [K, B, ...]
-    index = clusters.reshape((1, -1) + (1,) * (logits.ndim - 2))
-    chosen = jnp.take_along_axis(logits, index, axis=0)[0]
-    out = {}
-    for name, fn in metric_fns.items():
-      value, weight = fn(chosen, batch)
-      out[name] = (totals[name][0] + jnp.sum(value * mask),
-                   totals[name][1] + jnp.sum(weight * mask))
-    return out
-
-  def evaluate(cluster_params, train_batches, test_batches):
-    num_clusters = num_clusters_of(cluster_params)
-    train_losses = losses_of(cluster_params, train_batches)
-    assignment = np.argmin(train_losses, axis=1).astype(np.int32)
-    has_data = np.zeros(train_batches.num_clients, bool)
-    has_data[train_batches.owner[train_batches.mask > 0]] = True
-    zero = jnp.zeros([], jnp.float32)
-    totals = {name: (zero, zero) for name in metric_fns}
-    for i in range(test_batches.mask.shape[0]):
-      totals = batch_sums(
-          cluster_params, {k: v[i] for k, v in test_batches.features.items()},
-          test_batches.mask[i], assignment[test_batches.owner[i]], totals)
-    totals = jax.device_get(totals)
-    result = {name: float(v) / max(float(n), 1e-12)
-              for name, (v, n) in totals.items()}
-    counts = np.bincount(assignment[has_data], minlength=num_clusters)
-    result.update({f"cluster_clients_{k}": float(counts[k])
-                   for k in range(num_clusters)})
-    return result
-
-  return evaluate
+def _refuse(context: recipe.BuildContext, mechanism: str) -> str | None:
+  if mechanism == "tree":
+    return ("DP-FTRL noises the server optimizer's input, but HypCluster "
+            "updates its cluster statistics outside it; use "
+            "privacy.mechanism='gaussian' or 'adaptive'.")
+  if context.options["init"] != "random":
+    return ("hypcluster.init='kmeans' trains candidate clients without "
+            "clipping or noise and starts the clusters from their local "
+            "models, which would publish single clients' models (epsilon "
+            "covers nothing of it); set --config.hypcluster.init=random.")
+  return None
 
 
-def hypcluster_evaluate(model: model_base.Model, cluster_params: base.PyTree,
-                        train_store: ClientStore, test_store: ClientStore,
-                        batch_size: int) -> dict[str, float]:
-  """HypCluster evaluation (Mansour et al. 2020; FedJAX's evaluator): every
-  client takes the cluster with the lowest loss on its train split; returns
-  the test-split metrics and ``cluster_clients_<k>``. Compiles on every call:
-  a training loop should use :func:`build_hypcluster_evaluator` instead."""
-  evaluate = build_hypcluster_evaluator(model)
-  return evaluate(cluster_params, client_batches(train_store, batch_size),
-                  client_batches(test_store, batch_size, reference=train_store))
+def _evaluator(context: recipe.BuildContext) -> recipe.Evaluator:
+  """Each client scored with its best cluster, batches built once."""
+  config, dataset = context.config, context.dataset
+  evaluate = build_hypcluster_evaluator(context.model)
+  max_examples = config.get("eval_max_examples", 0) or None
+  train_batches = client_batches(dataset.train, config.eval_batch_size,
+                                 max_examples=max_examples)
+  test_batches = client_batches(dataset.test, config.eval_batch_size,
+                                reference=dataset.train,
+                                max_examples=max_examples)
+  return lambda params, split: evaluate(
+      params, train_batches, test_batches if split == "test"
+      else train_batches)
+
+
+RECIPE = recipe.Recipe("hypcluster", build=from_config, block="hypcluster",
+                       refuse=_refuse, evaluator=_evaluator)

@@ -37,14 +37,18 @@ epochs is exactly the gradient of the client's mean loss.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import types
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lab.algorithms import base
-from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import local
+from fedjax_lab.algorithms import recipe
+from fedjax_lab.algorithms.optimizers import build_optimizer
+from fedjax_lab.algorithms.tree_math import zeros_like_f32
 from fedjax_lab.models import base as model_base
 
 
@@ -71,10 +75,6 @@ class MimeCarry(NamedTuple):
   rng: jax.Array
   loss_sum: jax.Array
   loss_weight: jax.Array
-
-
-def _zeros_like_f32(tree: base.PyTree) -> base.PyTree:
-  return jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
 
 
 def _add_weighted(grad_sum: base.PyTree, grads: base.PyTree,
@@ -113,15 +113,15 @@ def _full_batch_pre_round(model: model_base.Model,
     global_params = bcast[0]
     zero = jnp.zeros([], jnp.float32)
     return (global_params,
-            fedavg.GradCarry(_zeros_like_f32(global_params), rng, zero, zero))
+            local.GradCarry(zeros_like_f32(global_params), rng, zero, zero))
 
   def client_step(carry, batch, mask):
     global_params, inner = carry
     rng, step_rng = jax.random.split(inner.rng)
-    grads, loss_sum, weight_sum = fedavg.masked_loss_and_grad(
+    grads, loss_sum, weight_sum = local.masked_loss_and_grad(
         model, global_params, batch, mask, step_rng)
     return (global_params,
-            fedavg.GradCarry(_add_weighted(inner.grad_sum, grads, weight_sum),
+            local.GradCarry(_add_weighted(inner.grad_sum, grads, weight_sum),
                              rng, inner.loss_sum + loss_sum,
                              inner.loss_weight + weight_sum))
 
@@ -129,7 +129,7 @@ def _full_batch_pre_round(model: model_base.Model,
     del bcast
     _, inner = carry
     return (_mean_grad(inner.grad_sum, inner.loss_weight),
-            fedavg.client_weight(weighting, num_examples))
+            local.client_weight(weighting, num_examples))
 
   def absorb(state, mean_grad):
     return state._replace(extra=mean_grad)
@@ -140,7 +140,7 @@ def _full_batch_pre_round(model: model_base.Model,
 
 def _check_arguments(client_learning_rate: float, server_learning_rate: float,
                      weighting: str) -> None:
-  fedavg.check_weighting(weighting)
+  local.check_weighting(weighting)
   if not client_learning_rate > 0:
     raise ValueError("client_learning_rate must be > 0, got "
                      f"{client_learning_rate!r}.")
@@ -164,7 +164,7 @@ def _build(model: model_base.Model,
     return base.ServerState(
         params=params, opt_state=base_optimizer.init(params),
         round=jnp.zeros([], jnp.int32), aggregator_state=aggregator.init(),
-        extra=() if lite else _zeros_like_f32(params))
+        extra=() if lite else zeros_like_f32(params))
 
   def broadcast(state):
     return (state.params, state.opt_state, state.extra)
@@ -173,16 +173,16 @@ def _build(model: model_base.Model,
     del client_state
     global_params, opt_state, server_grad = bcast
     zero = jnp.zeros([], jnp.float32)
-    grad_sum = _zeros_like_f32(global_params) if lite else ()
+    grad_sum = zeros_like_f32(global_params) if lite else ()
     return MimeCarry(global_params, global_params, opt_state, server_grad,
                      grad_sum, rng, zero, zero)
 
   def client_step(carry, batch, mask):
     rng, step_rng = jax.random.split(carry.rng)
-    grads, loss_sum, weight_sum = fedavg.masked_loss_and_grad(
+    grads, loss_sum, weight_sum = local.masked_loss_and_grad(
         model, carry.params, batch, mask, step_rng)
     # Same key as at y: with dropout both gradients see the same mask.
-    anchor_grads, _, _ = fedavg.masked_loss_and_grad(
+    anchor_grads, _, _ = local.masked_loss_and_grad(
         model, carry.global_params, batch, mask, step_rng)
     grad_sum = carry.grad_sum
     if lite:
@@ -202,7 +202,7 @@ def _build(model: model_base.Model,
     if lite:
       delta = (delta, _mean_grad(carry.grad_sum, carry.loss_weight))
     return base.ClientUpdate(
-        delta=delta, weight=fedavg.client_weight(weighting, num_examples),
+        delta=delta, weight=local.client_weight(weighting, num_examples),
         client_state=(),
         metrics={"train_loss": (carry.loss_sum, carry.loss_weight)})
 
@@ -283,3 +283,56 @@ def mimelite(model: model_base.Model,
   """
   return _build(model, base_optimizer, client_learning_rate,
                 server_learning_rate, weighting, aggregator, lite=True)
+
+
+# ---- recipes -----------------------------------------------------------------
+
+
+_BASE_HPARAMS = types.MappingProxyType({"momentum": 0.9})
+
+
+def _from_config(lite: bool):
+  """The recipe builder of Mime (``lite=False``) or MimeLite."""
+
+  def build(context: recipe.BuildContext, *,
+            base_optimizer: str = "momentum",
+            base_hparams: Mapping[str, Any] = _BASE_HPARAMS
+            ) -> base.FederatedAlgorithm:
+    """Mime / MimeLite from the ``mime`` block: the optax optimizer clients
+    mimic, by name with its hyperparameters (learning rate 1; its state
+    lives on the server, frozen in local steps whose step size is
+    ``client.learning_rate``; optax momentum is undampened, its step is
+    ~ lr / (1 - momentum)); the server step is ``server.learning_rate``
+    (``server.optimizer`` must be sgd)."""
+    mimicked = build_optimizer(base_optimizer, 1.0, base_hparams)
+    return _build(context.model, mimicked, context.config.client.learning_rate,
+                  context.config.server.learning_rate, context.weighting,
+                  context.aggregator, lite=lite)
+
+  return build
+
+
+def _requires(context: recipe.BuildContext) -> str | None:
+  if context.config.server.optimizer != "sgd":
+    return (f"algorithm={context.config.algorithm!r} steps x + "
+            "server.learning_rate * mean(y - x); the optimizer it mimics is "
+            "mime.base_optimizer. Set server.optimizer='sgd'.")
+  return None
+
+
+def _refuse_mime(context: recipe.BuildContext, mechanism: str) -> str:
+  del context, mechanism  # every mechanism
+  return ("Mime broadcasts the cohort's exact (un-noised) mean gradient "
+          "before local training, which no DP mechanism covers; use "
+          "algorithm='mimelite' (its gradient rides in the clipped, noised "
+          "update).")
+
+
+MIME = recipe.Recipe("mime", build=_from_config(lite=False), block="mime",
+                     requires=_requires, refuse=_refuse_mime)
+MIMELITE = recipe.Recipe(
+    "mimelite", build=_from_config(lite=True), block="mime",
+    requires=_requires,
+    refuses={"tree": "DP-FTRL noises the server optimizer's input, but "
+                     "MimeLite updates its optimizer statistics outside it; "
+                     "use privacy.mechanism='gaussian' or 'adaptive'."})

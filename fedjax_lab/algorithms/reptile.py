@@ -53,6 +53,8 @@ import optax
 
 from fedjax_lab.algorithms import base
 from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import recipe
+from fedjax_lab.algorithms.local import LocalCarry
 from fedjax_lab.models import base as model_base
 
 
@@ -65,7 +67,7 @@ class ReptileCarry(NamedTuple):
     num_steps: int32 inner steps taken so far (steps with real examples).
   """
 
-  local: fedavg.LocalCarry
+  local: LocalCarry
   num_steps: jax.Array
 
 
@@ -151,13 +153,13 @@ def reptile(model: model_base.Model,
                         jnp.zeros([], jnp.int32))
 
   def client_step(carry, batch, mask):
-    local = fedopt.client_step(carry.local, batch, mask)
+    stepped = fedopt.client_step(carry.local, batch, mask)
     if num_inner_steps is None:
-      return ReptileCarry(local, carry.num_steps + 1)
+      return ReptileCarry(stepped, carry.num_steps + 1)
     take = carry.num_steps < num_inner_steps
-    local = jax.tree.map(lambda n, o: jnp.where(take, n, o), local,
-                         carry.local)
-    return ReptileCarry(local, carry.num_steps + take.astype(jnp.int32))
+    stepped = jax.tree.map(lambda n, o: jnp.where(take, n, o), stepped,
+                           carry.local)
+    return ReptileCarry(stepped, carry.num_steps + take.astype(jnp.int32))
 
   def client_final(global_params, carry, num_examples):
     update = fedopt.client_final(global_params, carry.local, num_examples)
@@ -172,3 +174,23 @@ def reptile(model: model_base.Model,
   return dataclasses.replace(fedopt, client_init=client_init,
                              client_step=client_step,
                              client_final=client_final)
+
+
+def from_config(context: recipe.BuildContext, *,
+                num_inner_steps: int = 10) -> base.FederatedAlgorithm:
+  """Reptile from the ``reptile`` block: every client takes exactly
+  ``num_inner_steps`` full batches; the meta step is the server optimizer
+  (``server.optimizer`` sgd at ``server.learning_rate``)."""
+  return reptile(context.model, context.client_optimizer, num_inner_steps,
+                 server_optimizer=context.server_optimizer,
+                 weighting=context.weighting, aggregator=context.aggregator)
+
+
+def _local_schedule(context: recipe.BuildContext) -> tuple[int, int | None]:
+  schedule = cohort_schedule(context.options["num_inner_steps"],
+                             context.config.client.batch_size)
+  return schedule["num_epochs"], schedule["max_steps"]
+
+
+RECIPE = recipe.Recipe("reptile", build=from_config, block="reptile",
+                       local_schedule=_local_schedule)

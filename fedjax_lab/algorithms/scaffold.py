@@ -34,7 +34,9 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab.algorithms import base
-from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import local
+from fedjax_lab.algorithms import recipe
+from fedjax_lab.algorithms.tree_math import zeros_like_f32
 from fedjax_lab.models import base as model_base
 
 OPTIONS = ("I", "II")
@@ -66,10 +68,6 @@ class ScaffoldCarry(NamedTuple):
   num_steps: jax.Array
   global_params: base.PyTree
   grad_sum: base.PyTree
-
-
-def _zeros_like_f32(tree: base.PyTree) -> base.PyTree:
-  return jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
 
 
 def _with_cohort_size(aggregator: base.Aggregator,
@@ -153,7 +151,7 @@ def scaffold(model: model_base.Model,
   """
   if option not in OPTIONS:
     raise ValueError(f"option must be one of {OPTIONS}, got {option!r}.")
-  fedavg.check_weighting(weighting)
+  local.check_weighting(weighting)
   if num_clients is None or int(num_clients) < 1:
     raise ValueError("num_clients (the population size N) is required and "
                      f"must be >= 1, got {num_clients!r}.")
@@ -173,7 +171,7 @@ def scaffold(model: model_base.Model,
                             opt_state=server_optimizer.init(params),
                             round=jnp.zeros([], jnp.int32),
                             aggregator_state=wrapped.init(),
-                            extra=_zeros_like_f32(params))
+                            extra=zeros_like_f32(params))
 
   def broadcast(state):
     return (state.params, state.extra)
@@ -183,7 +181,7 @@ def scaffold(model: model_base.Model,
     zero = jnp.zeros([], jnp.float32)
     correction = jax.tree.map(jnp.subtract, server_control, client_state)
     if option == "I":
-      anchor, grad_sum = global_params, _zeros_like_f32(global_params)
+      anchor, grad_sum = global_params, zeros_like_f32(global_params)
     else:
       anchor, grad_sum = (), ()
     return ScaffoldCarry(global_params, correction, client_state, rng, zero,
@@ -191,7 +189,7 @@ def scaffold(model: model_base.Model,
 
   def client_step(carry, batch, mask):
     rng, step_rng = jax.random.split(carry.rng)
-    grads, loss_sum, weight_sum = fedavg.masked_loss_and_grad(
+    grads, loss_sum, weight_sum = local.masked_loss_and_grad(
         model, carry.params, batch, mask, step_rng)
     params = jax.tree.map(lambda y, g, d: y - lr * (g + d), carry.params,
                           grads, carry.correction)
@@ -199,7 +197,7 @@ def scaffold(model: model_base.Model,
     if option == "I":
       # Gradient of the batch's loss SUM at x, so that dividing the total by
       # the total example weight gives the exact full-data gradient.
-      anchor_grads, _, _ = fedavg.masked_loss_and_grad(
+      anchor_grads, _, _ = local.masked_loss_and_grad(
           model, carry.global_params, batch, mask, step_rng)
       grad_sum = jax.tree.map(lambda acc, g: acc + g * weight_sum, grad_sum,
                               anchor_grads)
@@ -227,14 +225,14 @@ def scaffold(model: model_base.Model,
                                  carry.client_control)
     return base.ClientUpdate(
         delta=(delta, control_delta),
-        weight=fedavg.client_weight(weighting, num_examples),
+        weight=local.client_weight(weighting, num_examples),
         client_state=new_control,
         metrics={"train_loss": (carry.loss_sum, carry.loss_weight),
                  "local_steps": (carry.num_steps, jnp.ones([], jnp.float32))})
 
   def server_update(state, aggregate):
     (mean_delta, mean_control_delta), cohort_size = aggregate
-    state, metrics = fedavg.server_opt_update(server_optimizer, state,
+    state, metrics = local.server_opt_update(server_optimizer, state,
                                               mean_delta)
     fraction = cohort_size / population
     control = jax.tree.map(lambda c, d: c + fraction * d, state.extra,
@@ -247,4 +245,33 @@ def scaffold(model: model_base.Model,
       client_init=client_init, client_step=client_step,
       client_final=client_final, aggregator=wrapped,
       server_update=server_update,
-      client_state_init=_zeros_like_f32)
+      client_state_init=zeros_like_f32)
+
+
+_FACTORY = recipe.keyword_defaults(scaffold)
+
+
+def from_config(context: recipe.BuildContext, *,
+                option: str = _FACTORY["option"]) -> base.FederatedAlgorithm:
+  """SCAFFOLD from the ``scaffold`` config block (``option``: I or II).
+
+  Local SGD runs at ``client.learning_rate``; under DP the control-variate
+  step uses the expected cohort size.
+  """
+  return scaffold(  # named scaffold_I / scaffold_II
+      context.model, context.config.client.learning_rate,
+      context.server_optimizer, option=option, weighting=context.weighting,
+      aggregator=context.aggregator, num_clients=context.num_clients,
+      expected_cohort_size=context.expected_cohort_size)
+
+
+def _requires(context: recipe.BuildContext) -> str | None:
+  optimizer = context.config.client.optimizer
+  if optimizer != "sgd":
+    return ("algorithm='scaffold' corrects plain SGD local steps; set "
+            f"client.optimizer='sgd', not {optimizer!r}.")
+  return None
+
+
+RECIPE = recipe.Recipe("scaffold", build=from_config, block="scaffold",
+                       requires=_requires)

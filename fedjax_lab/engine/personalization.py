@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import local
 from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data.federated import ClientStore
 from fedjax_lab.models import base as model_base
@@ -242,8 +242,8 @@ def build_personalization_evaluator(
 
   def fine_tune_step(carry, batch, mask):
     rng, step_rng = jax.random.split(carry.rng)
-    grads, _, _ = fedavg.masked_loss_and_grad(model, carry.params, batch, mask,
-                                              step_rng)
+    grads, _, _ = local.masked_loss_and_grad(model, carry.params, batch, mask,
+                                             step_rng)
     updates, opt_state = fine_tune_optimizer.update(grads, carry.opt_state,
                                                     carry.params)
     new_carry = FineTuneCarry(optax.apply_updates(carry.params, updates),

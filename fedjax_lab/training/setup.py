@@ -10,15 +10,15 @@ with ``--config.KEY=VALUE``):
   ``eval_max_examples`` (0 = all), ``eval_train_split`` (also evaluate the
   global model on the training examples: ``train_eval_*`` keys),
   ``strategy`` (``"auto"`` or e.g. ``"vmap+scan"``), ``shard_clients``.
-* ``algorithm`` (see :mod:`fedjax_lab.training.algorithm_config`):
-  ``fedavg`` | ``fedopt`` | ``fedsgd`` | ``fedprox`` (``fedprox`` block:
-  ``mu``, stragglers, ``adaptive_mu``) | ``scaffold`` (``scaffold.option``) |
-  ``mime`` | ``mimelite`` (``mime.base_optimizer``, ``mime.base_hparams``) |
-  ``reptile`` (``reptile.num_inner_steps``) | ``agnostic_fedavg``
-  (``agnostic_fedavg`` block) | ``hypcluster`` (``hypcluster`` block);
-  ``compression`` block (``method`` none | quantize | top_k); ``weighting``:
-  ``num_examples`` | ``uniform``; ``personalization`` block (per-client
-  fine-tuning evaluation).
+* ``algorithm``: a name registered in :mod:`fedjax_lab.algorithms`
+  (``fedavg`` | ``fedopt`` | ``fedsgd`` | ``fedprox`` | ``scaffold`` |
+  ``mime`` | ``mimelite`` | ``reptile`` | ``agnostic_fedavg`` |
+  ``hypcluster``, or one registered later); its options are its config
+  block (the keyword arguments of its recipe's ``build``, e.g.
+  ``fedprox.mu``); ``compression`` block (``method`` none | quantize |
+  top_k, applied to any algorithm); ``weighting``: ``num_examples`` |
+  ``uniform``; ``personalization`` block (per-client fine-tuning
+  evaluation).
 * ``sampling``: ``fixed`` (``cohort_size`` clients without replacement) or
   ``poisson`` (each client with probability ``sampling_rate``).
 * ``data``: ``name`` plus that dataset's ``load()`` keyword arguments.
@@ -38,20 +38,26 @@ from typing import Any
 import jax
 import ml_collections
 
+from fedjax_lab import algorithms
 from fedjax_lab import models
 from fedjax_lab.algorithms import base as alg_base
+from fedjax_lab.algorithms import compression
+from fedjax_lab.algorithms.optimizers import build_optimizer
 from fedjax_lab.data import sampling
 from fedjax_lab.data.federated import FederatedDataset
 from fedjax_lab.data.sources import load_dataset
+from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.strategy import Strategy, parse_strategy
 from fedjax_lab.privacy import accounting
 from fedjax_lab.privacy import plan as privacy_plan
-from fedjax_lab.training import algorithm_config
 from fedjax_lab.training import sinks
 
-ALGORITHMS = algorithm_config.ALGORITHMS
 SAMPLING_KINDS = ("fixed", "poisson", "shuffle")
 MODEL_FAMILIES = {"cnn": "conv", "char_lstm": "recurrent"}
+COMPRESSION_METHODS = ("none", "quantize", "top_k")
+# Prefix of a DP run's algorithm name, per mechanism.
+_DP_PREFIX = {"gaussian": "dp-", "adaptive": "dp-adaptive-", "tree": "dp-ftrl-",
+              "local": "ldp-"}
 
 
 class ConfigError(ValueError):
@@ -123,19 +129,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.client.batch_size < 1 or config.client.num_epochs < 1:
     raise ConfigError("client.batch_size and client.num_epochs must be >= 1.")
   mechanism = config.get("privacy", {}).get("mechanism", "none")
-  algorithm_config.check_algorithm_config(config, mechanism, ConfigError)
+  _check_algorithm(config, mechanism)
   if mechanism != "none" and config.weighting != "uniform":
     raise ConfigError(
         f"privacy.mechanism={mechanism!r} sums clipped updates with weight 1 "
         "(per-client weights would change the sensitivity); set "
         "--config.weighting=uniform.")
-  if (mechanism != "none" and config.algorithm == "fedprox" and
-      config.get("fedprox", {}).get("adaptive_mu", False)):
-    raise ConfigError(
-        "fedprox.adaptive_mu reads the clients' un-noised training loss every "
-        "round, which no DP mechanism accounts for; set "
-        "--config.fedprox.adaptive_mu=False with "
-        f"privacy.mechanism={mechanism!r}.")
   diagnostics = config.get("privacy", {}).get("release_diagnostics", False)
   if mechanism != "none" and not diagnostics:
     for key, what in (
@@ -157,6 +156,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"server.optimizer='sgd', not {config.server.optimizer!r}.")
 
 
+def _check_algorithm(config, mechanism: str) -> None:
+  """The registered algorithm's own checks: its block's keys, its
+  requirements, its refusal of ``mechanism``; then the compression block."""
+  try:
+    recipe = algorithms.get(config.algorithm)
+    context = algorithms.BuildContext(config, recipe.options(config))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for message in (recipe.requires and recipe.requires(context),
+                  recipe.refusal(context, mechanism)):
+    if message:
+      raise ConfigError(message)
+  method = _compression_method(config)
+  if method not in COMPRESSION_METHODS:
+    raise ConfigError(f"compression.method must be one of "
+                      f"{COMPRESSION_METHODS}, got {method!r}.")
+  if method != "none" and mechanism == "local":
+    raise ConfigError(
+        "compression with privacy.mechanism='local' would add the local noise "
+        "after decoding, which is not what a device sends; use central DP "
+        "('gaussian' or 'adaptive') or compression.method='none'.")
+
+
+def _compression_method(config) -> str:
+  block = config.get("compression", None)
+  return block.method if block else "none"
+
+
+def _compressor(config) -> compression.Compressor | None:
+  """The ``compression`` block's compressor (None: uncompressed)."""
+  method = _compression_method(config)
+  block = config.get("compression", None)
+  if method == "quantize":
+    return compression.stochastic_quantization(
+        block.num_bits, rotation=block.rotation, per_leaf=block.per_leaf)
+  if method == "top_k":
+    return compression.top_k(fraction=block.fraction,
+                             error_feedback=block.error_feedback)
+  return None
+
+
 def build_model(config, dataset: FederatedDataset) -> models.Model:
   """The config's model shaped for the dataset."""
   return models.get_model(config.model.name, input_shape=dataset.input_shape,
@@ -164,7 +204,94 @@ def build_model(config, dataset: FederatedDataset) -> models.Model:
                           **_kwargs(config.model))
 
 
-build_algorithm = algorithm_config.build_algorithm
+def build_context(config, model: models.Model | None = None,
+                  privacy: privacy_plan.PrivacyPlan | None = None,
+                  num_clients: int | None = None,
+                  dataset: FederatedDataset | None = None
+                  ) -> algorithms.BuildContext:
+  """What the config's algorithm recipe builds from: its options, the
+  optimizers (DP-FTRL's server optimizer under the tree mechanism) and the DP
+  aggregator."""
+  recipe = algorithms.get(config.algorithm)
+  client_opt = build_optimizer(config.client.optimizer,
+                               config.client.learning_rate,
+                               config.client.get("hparams", {}))
+  if privacy is not None and privacy.mechanism == "tree":
+    server_opt = privacy_plan.build_ftrl_server_optimizer(
+        privacy, config.server.learning_rate)
+  else:
+    server_opt = build_optimizer(config.server.optimizer,
+                                 config.server.learning_rate,
+                                 config.server.get("hparams", {}))
+  aggregator = (privacy_plan.build_aggregator(privacy) if privacy is not None
+                else None)
+  return algorithms.BuildContext(
+      config, recipe.options(config), model=model,
+      client_optimizer=client_opt, server_optimizer=server_opt,
+      aggregator=aggregator, privacy=privacy, num_clients=num_clients,
+      dataset=dataset)
+
+
+def _build_algorithm(context: algorithms.BuildContext
+                     ) -> alg_base.FederatedAlgorithm:
+  """The recipe's algorithm, named for its DP mechanism, compressed if the
+  config says so."""
+  config, privacy = context.config, context.privacy
+  recipe = algorithms.get(config.algorithm)
+  algorithm = recipe.build(context, **context.options)
+  prefix = _DP_PREFIX[privacy.mechanism] if privacy is not None else ""
+  algorithm = dataclasses.replace(algorithm, name=prefix + algorithm.name)
+  compressor = _compressor(config)
+  if compressor is None:
+    return algorithm
+  pre_clip = (privacy.clip_norm if privacy is not None and
+              privacy.mechanism in ("gaussian", "tree") else None)
+  return compression.compressed(algorithm, compressor, pre_clip_norm=pre_clip)
+
+
+def build_algorithm(config, model: models.Model,
+                    privacy: privacy_plan.PrivacyPlan | None = None,
+                    num_clients: int | None = None,
+                    dataset: FederatedDataset | None = None
+                    ) -> alg_base.FederatedAlgorithm:
+  """The config's algorithm with its optimizers, DP aggregator, compression.
+
+  ``num_clients`` (the population) and ``dataset`` are needed by some
+  recipes (SCAFFOLD's server update, agnostic FL's domains, HypCluster's
+  k-means init).
+  """
+  return _build_algorithm(build_context(config, model, privacy, num_clients,
+                                        dataset))
+
+
+def local_schedule(context: algorithms.BuildContext) -> tuple[int, int | None]:
+  """``(num_epochs, max_steps)`` of the cohorts: the client block's, unless
+  the recipe fixes its own (Reptile's inner steps)."""
+  recipe = algorithms.get(context.config.algorithm)
+  if recipe.local_schedule is not None:
+    return recipe.local_schedule(context)
+  client = context.config.client
+  return client.num_epochs, client.max_steps or None
+
+
+def _client_states_init(context: algorithms.BuildContext,
+                        algorithm: alg_base.FederatedAlgorithm):
+  """The recipe's per-client initial states (None: all start alike), paired
+  with the compressor's states when the updates are compressed."""
+  recipe = algorithms.get(context.config.algorithm)
+  if recipe.client_states_init is None:
+    return None
+  inner_init = recipe.client_states_init(context)
+  if inner_init is None or _compression_method(context.config) == "none":
+    return inner_init
+
+  def init(params, num_clients):
+    # compressed() pairs the inner state with the compressor's.
+    _, compressor_states = round_lib.stack_client_states(
+        algorithm.client_state_init(params), num_clients)
+    return inner_init(params, num_clients), compressor_states
+
+  return init
 
 
 def build_privacy(config, num_clients: int
@@ -192,7 +319,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         f"{num_clients} training clients; lower --config.cohort_size.")
   privacy = build_privacy(config, num_clients)
   model = build_model(config, dataset)
-  algorithm = build_algorithm(config, model, privacy, num_clients, dataset)
+  context = build_context(config, model, privacy, num_clients, dataset)
+  algorithm = _build_algorithm(context)
   if privacy is not None:
     try:
       privacy_plan.check_private_algorithm(algorithm)
@@ -201,14 +329,14 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   sampler = make_sampler(config, num_clients, config.seed)
   family = MODEL_FAMILIES.get(config.model.name, "dense")
   strategy = parse_strategy(config.get("strategy", "auto"), family)
-  local_epochs, local_max_steps = algorithm_config.local_schedule(config)
+  local_epochs, local_max_steps = local_schedule(context)
+  recipe = algorithms.get(config.algorithm)
   return Experiment(
       config, dataset, model, algorithm, sampler, strategy, family,
-      client_states_init=algorithm_config.client_states_init(
-          config, dataset, algorithm),
+      client_states_init=_client_states_init(context, algorithm),
       privacy=privacy,
-      evaluate_params=algorithm_config.cluster_evaluator(config, model,
-                                                         dataset),
+      evaluate_params=(recipe.evaluator(context) if recipe.evaluator
+                       else None),
       local_epochs=local_epochs, local_max_steps=local_max_steps)
 
 

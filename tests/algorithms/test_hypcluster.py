@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_lab.algorithms import fedavg, hypcluster
+from fedjax_lab.algorithms import fedavg, hypcluster, hypcluster_eval
 from fedjax_lab.data.cohort import make_round_cohort
 from fedjax_lab.data.federated import ClientStore
 from fedjax_lab.data.sources import load_dataset
@@ -199,8 +199,8 @@ def test_evaluate_matches_a_per_client_loop(deterministic_model):
   test = ClientStore(test.client_ids[::-1].copy(), test.offsets,
                      test.features)  # ids now name the right clients
   assert list(test.client_ids) != list(train.client_ids)
-  result = hypcluster.hypcluster_evaluate(deterministic_model, clusters,
-                                          train, test, batch_size=4)
+  result = hypcluster_eval.hypcluster_evaluate(
+      deterministic_model, clusters, train, test, batch_size=4)
 
   def mean_loss(params, x, y):
     loss, _ = deterministic_model.example_loss(

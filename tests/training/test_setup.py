@@ -1,4 +1,5 @@
-"""Every algorithm from a config: refusals, client states, DP composition."""
+"""Every algorithm from a config through setup: refusals, client states, DP
+composition, local schedules, evaluators."""
 
 import os
 import sys
@@ -6,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
+from fedjax_lab import algorithms
 from fedjax_lab.algorithms import agnostic
-from fedjax_lab.training import algorithm_config, loop, metrics_io, setup
+from fedjax_lab.training import loop, metrics_io, setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -152,11 +154,17 @@ def test_agnostic_clients_start_with_their_domain(tmp_path):
   assert summary["algorithm"] == "agnostic_fedavg+q8"
 
 
+def _local_schedule(config):
+  recipe = algorithms.get(config.algorithm)
+  return setup.local_schedule(
+      algorithms.BuildContext(config, recipe.options(config)))
+
+
 def test_reptile_cohorts_give_every_client_the_same_inner_steps():
   config = _config("synthetic_reptile", **{"reptile.num_inner_steps": 3})
-  epochs, max_steps = algorithm_config.local_schedule(config)
+  epochs, max_steps = _local_schedule(config)
   assert max_steps == 3 and epochs >= 3
-  assert algorithm_config.local_schedule(_config("synthetic_scaffold")) == (
+  assert _local_schedule(_config("synthetic_scaffold")) == (
       20, 2)  # the client block's (tiny mode caps steps at 2)
 
 
