@@ -2,6 +2,7 @@ r"""One-shot empirical privacy audit of a federated run (Andrew et al. 2024).
 
   python -m experiments.audit --config=configs/NAME.py --workdir=DIR \
       --num_canaries=K --num_held_out=K2 [--config.KEY=VALUE ...]
+  fedjax-lab audit ...                   (the same, from any directory)
 
 Adds K canary clients (each sends a fixed random direction of norm C every
 round it is sampled) to the training population, trains the config's
@@ -17,17 +18,18 @@ noises the updates, so C only sets how strong the canaries are.
 """
 
 import json
-import os
 import sys
+from typing import Sequence
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments.lib import cli
+from experiments.lib import paths
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "configs", "default.py")
+_DEFAULT_CONFIG = paths.DEFAULT_CONFIG
+paths.ensure_configs_importable()
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Experiment config file (configs/*.py).",
@@ -53,9 +55,9 @@ _NULL = flags.DEFINE_enum(
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> None:
+  """Trains with canaries inserted and prints the audit's report."""
+  cli.reject_extra_args(argv)
   # Imported here so --help stays fast.
   from fedjax_lab.privacy import audit, canaries  # pylint: disable=g-import-not-at-top
   from fedjax_lab.training import setup  # pylint: disable=g-import-not-at-top
@@ -92,5 +94,10 @@ def main(argv):
   print(json.dumps(report, sort_keys=True))
 
 
+def run_program() -> None:
+  """The program: parses ``sys.argv`` (errors: exit 2) and runs ``main``."""
+  app.run(main, flags_parser=cli.parse_flags_or_exit(_DEFAULT_CONFIG))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run_program()

@@ -1,6 +1,7 @@
 r"""PNG plots of one or more runs' metrics (matplotlib, Agg backend).
 
   python -m experiments.plot --workdir=DIR [DIR ...] [--out_dir=OUT]
+  fedjax-lab plot ...                    (the same)
 
 Each DIR is one of
 * a run's workdir: ``metrics.jsonl`` (``config.json`` and ``summary.json``
@@ -43,7 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import cli
+from experiments.lib import cli
 
 METRICS_FILE = "metrics.jsonl"
 SWEEP_FILE = "sweep.json"
@@ -444,10 +445,11 @@ def make_plots(runs: Sequence[Run], out_dir: str) -> list[str]:
   return [path for path in written if path is not None]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,
+         prog: str = "python -m experiments.plot") -> int:
   """The CLI (see the module docstring); returns the exit code."""
   parser = argparse.ArgumentParser(
-      prog="python -m experiments.plot",
+      prog=prog,
       description="Plot runs' metrics.jsonl files as PNGs.")
   parser.add_argument("--workdir", nargs="+", action="extend", default=[],
                       help="run workdirs, sweep roots or metrics files")

@@ -4,6 +4,7 @@ r"""Privacy calculator: epsilon of a DP training run, or the noise it needs.
       --rounds=T --delta=D [--accountant=rdp|pld] \
       [--sampling=poisson|fixed|shuffle --population=N --cohort_size=M] \
       [--mechanism=gaussian|tree|local --rounds_per_tree=R] [--json]
+  fedjax-lab privacy ...                 (the same)
 
 prints epsilon; with ``--target_epsilon=E`` instead of ``--noise_multiplier``
 it prints the smallest noise multiplier reaching E. With ``--json`` the last
@@ -21,10 +22,12 @@ exit status 2.
 import dataclasses
 import json
 import math
-import sys
+from typing import Sequence
 
 from absl import app
 from absl import flags
+
+from experiments.lib import cli
 
 _NOISE = flags.DEFINE_float("noise_multiplier", None,
                             "Noise std / clip norm (on the sum of updates).")
@@ -126,19 +129,16 @@ def _calculate(accounting):
   return record
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> None:
   """Prints epsilon (or the calibrated noise multiplier); exit 2 on errors."""
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
+  cli.reject_extra_args(argv)
   # Imported here so --help stays fast.
   from fedjax_lab.privacy import accounting  # pylint: disable=g-import-not-at-top
 
   try:
     record = _calculate(accounting)
   except (_UsageError, accounting.PrivacyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e), 2)
   if "target_epsilon" in record:
     print(f"noise_multiplier: {record['noise_multiplier']:.6f} (epsilon "
           f"{record['epsilon']:.4f} at delta {record['delta']:g} after "
@@ -150,14 +150,21 @@ def main(argv):
     print(json.dumps(record))
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, but a bad flag value exits 2 like other errors."""
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag value or an extra argument exits 2
+  like other errors."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e), 2)
+  cli.reject_extra_args(rest)
+  return rest
+
+
+def run_program() -> None:
+  """The program: parses ``sys.argv`` (errors: exit 2) and runs ``main``."""
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  run_program()

@@ -2,25 +2,31 @@ r"""Runs one federated experiment from a config file.
 
   python -m experiments.run --config=configs/NAME.py --workdir=DIR \
       [--config.KEY=VALUE ...]
+  fedjax-lab run ...                     (the same, from any directory)
 
-Without ``--config`` it runs the main job (``configs/default.py``); without
-``--workdir`` it writes to a new folder under ``runs/``. Append ``:tiny`` to
-the config path (``--config=configs/NAME.py:tiny``) for a seconds-long smoke
-run of the same pipeline. The last line on stdout is the run's JSON summary.
+Without ``--config`` it runs the main job (the repository's
+``configs/default.py``, wherever the command runs); without ``--workdir`` it
+writes to a new folder under ``runs/``. Append ``:tiny`` to the config path
+(``--config=configs/NAME.py:tiny``) for a seconds-long smoke run of the same
+pipeline. A finished run prints a short summary on stderr (final accuracy
+and loss, rounds, seconds, epsilon and delta if private, the workdir); the
+last line on stdout is the run's JSON summary.
 """
 
 import json
 import os
 import sys
+from typing import Sequence
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments.lib import cli
+from experiments.lib import paths
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "configs", "default.py")
+_DEFAULT_CONFIG = paths.DEFAULT_CONFIG
+paths.ensure_configs_importable()
 
 try:  # ml_collections reads the config and its overrides from argv here.
   _CONFIG = config_flags.DEFINE_config_file(
@@ -33,9 +39,9 @@ _WORKDIR = flags.DEFINE_string(
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> None:
+  """Builds the experiment the flags describe, runs it, reports it."""
+  cli.reject_extra_args(argv)
   # Imported here so --help stays fast.
   from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
 
@@ -58,8 +64,14 @@ def main(argv):
   with cli.run_errors_exit():
     summary = loop.run_experiment(experiment, workdir,
                                   show_progress=_PROGRESS.value)
+  print(cli.run_report(summary, workdir), file=sys.stderr, flush=True)
   print(json.dumps(summary))
 
 
-if __name__ == "__main__":
+def run_program() -> None:
+  """The program: parses ``sys.argv`` (errors: exit 2) and runs ``main``."""
   app.run(main, flags_parser=cli.parse_flags_or_exit(_DEFAULT_CONFIG))
+
+
+if __name__ == "__main__":
+  run_program()

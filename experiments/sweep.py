@@ -4,8 +4,10 @@ r"""Resumable, parallel hyperparameter sweeps over one config.
       --sweep="client.learning_rate=0.1,0.3 privacy.noise_multiplier=0.5,1" \
       [--parallel=N] [--rank_by=eval_accuracy] [--rank_mode=max] [--quiet] \
       [--config.KEY=VALUE ...]
+  fedjax-lab sweep ...                   (the same, from any directory)
 
-Every member (``--sweep`` syntax, ``@FILE`` included: experiments/sweep_spec.py)
+Every member (``--sweep`` syntax, ``@FILE`` included:
+``experiments/lib/sweep_spec.py``)
 runs as its own ``python -m experiments.run`` process in ``DIR/<slug>``, its
 output in ``DIR/<slug>/log.txt``; ``--parallel=N`` runs N at a time, a
 failed member does not stop the others. ``DIR/sweep.json`` records the config,
@@ -37,11 +39,13 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli
-from experiments import sweep_spec
-from experiments import sweep_summary
+from experiments.lib import cli
+from experiments.lib import paths
+from experiments.lib import sweep_spec
+from experiments.lib import sweep_summary
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = paths.REPO_ROOT
+paths.ensure_configs_importable()
 SWEEP_FILE = "sweep.json"
 LOG_FILE = "log.txt"
 _LOCK_FILE = ".sweep.lock"
@@ -321,8 +325,7 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str]) -> None:
   """Runs (or continues, or summarizes) the sweep the flags describe."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.reject_extra_args(argv)
   workdir = _WORKDIR.value
   if not workdir:
     cli.fail("--workdir is required")
@@ -370,5 +373,10 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(1)
 
 
+def run_program() -> None:
+  """The program: parses ``sys.argv`` (errors: exit 2) and runs ``main``."""
+  app.run(main, flags_parser=cli.parse_flags_or_exit())
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run_program()

@@ -1,7 +1,7 @@
 r"""FedProx vs FedAvg on Synthetic(alpha, beta) with stragglers.
 
-  python -m experiments.fedprox_synthetic [--seeds=0,1,2] [--rounds=200] \
-      [--settings=0_0,0.5_0.5,1_1] [--stragglers=0,0.5,0.9] \
+  python -m experiments.studies.fedprox_synthetic [--seeds=0,1,2] \
+      [--rounds=200] [--settings=0_0,0.5_0.5,1_1] [--stragglers=0,0.5,0.9] \
       [--methods=fedavg,fedprox_mu0,fedprox_mu1] [--out_dir=DIR]
 
 Reproduces the Synthetic experiments of Li et al., "Federated Optimization in
@@ -26,6 +26,9 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 
+from experiments.lib import cli
+from experiments.lib import paths
+from experiments.studies import members as members_lib
 from fedjax_lab.training import metrics_io
 
 # Method name -> (label, FedProx mu, drop_stragglers).
@@ -80,6 +83,7 @@ def member_config(setting: str, stragglers: float, method: str, seed: int,
   """``configs/synthetic_fedprox.py`` for one member. The dataset stays fixed
   per setting (``data.seed=0``); ``seed`` varies the initial model, client
   sampling, stragglers and shuffling."""
+  paths.ensure_configs_importable()
   from configs import synthetic_fedprox  # pylint: disable=g-import-not-at-top
   alpha, beta = parse_setting(setting)
   _, mu, drop_stragglers = METHODS[method]
@@ -100,24 +104,10 @@ def run_member(config, workdir: str) -> tuple[dict[str, Any], bool]:
   A diverged member (non-finite loss) gets a summary with ``diverged: true``
   so that it counts as finished. The binary final state is deleted.
   """
-  from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
-  summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      return json.load(f), False
-  if os.path.exists(workdir):  # an interrupted member: start it again
-    for name in os.listdir(workdir):
-      os.remove(os.path.join(workdir, name))
-  try:
-    summary = loop.run_experiment(setup.build_experiment(config), workdir,
-                                  show_progress=False)
-  except loop.DivergedError as error:
-    summary = {"diverged": True, "error": str(error)}
-    metrics_io.write_json(summary_path, summary)
-  state_path = os.path.join(workdir, loop.FINAL_STATE_FILE)
-  if os.path.exists(state_path):
-    os.remove(state_path)
-  return summary, True
+  run = members_lib.run_or_read_back(
+      config, workdir, diverged_file=members_lib.SUMMARY_FILE,
+      keep_final_state=False)
+  return run.summary, run.ran
 
 
 def member_record(workdir: str, summary: dict[str, Any]) -> dict[str, Any]:
@@ -481,14 +471,14 @@ def run_grid(out_dir: str, seeds: Sequence[int], rounds: int,
 
 def main(argv: Sequence[str]) -> None:
   """Command-line entry: the grid from the flags (see define_flags)."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.reject_extra_args(argv)
   value = {name: holder.value for name, holder in _FLAGS.items()}
   for setting in value["settings"]:
     parse_setting(setting)  # fail before any training on a bad setting
   if set(value["methods"]) - set(METHODS):
-    raise app.UsageError(f"unknown --methods {value['methods']}")
-  command = " ".join(["python -m experiments.fedprox_synthetic"] + [
+    cli.fail(f"unknown --methods {value['methods']}; choose from "
+             f"{', '.join(METHODS)}")
+  command = " ".join(["python -m experiments.studies.fedprox_synthetic"] + [
       holder._flagvalues[name].serialize()  # pylint: disable=protected-access
       for name, holder in _FLAGS.items() if holder.present])
   report = run_grid(value["out_dir"], [int(s) for s in value["seeds"]],

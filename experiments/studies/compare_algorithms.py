@@ -1,6 +1,6 @@
 r"""Every algorithm on one task at equal rounds: accuracy, fairness, bits, time.
 
-  python -m experiments.compare_algorithms [--seeds=0] [--rounds=100] \
+  python -m experiments.studies.compare_algorithms [--seeds=0] [--rounds=100] \
       [--algorithms=fedavg,scaffold,...] \
       [--out_dir=experiments/results/compare_algorithms]
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import sys
 from typing import Any, Sequence
@@ -30,6 +29,9 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 
+from experiments.lib import cli
+from experiments.lib import paths
+from experiments.studies import members as members_lib
 from fedjax_lab.training import metrics_io
 
 # name -> (what, config overrides: dotted key -> value).
@@ -85,12 +87,12 @@ def _define_flags() -> None:
 
 
 REPORT = "compare_algorithms"
+DIVERGED_FILE = "diverged.json"  # marks a member whose loss became NaN
 
 
 def member_config(name: str, seed: int, rounds: int, tiny: bool = False):
   """The task's config with ``name``'s overrides, seed and rounds."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  sys.path.insert(0, root)
+  paths.ensure_configs_importable()
   from configs import mnist_cnn_fedavg  # pylint: disable=g-import-not-at-top
   config = mnist_cnn_fedavg.get_config("tiny" if tiny else "")
   config.seed, config.num_rounds = seed, rounds
@@ -110,26 +112,17 @@ def member_config(name: str, seed: int, rounds: int, tiny: bool = False):
 def run_member(name: str, seed: int, rounds: int, out_dir: str,
                tiny: bool = False) -> dict[str, Any]:
   """Runs (or reads back) one member; returns its row of the report."""
-  from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(out_dir, "members", f"{name}-s{seed}")
-  summary_path = os.path.join(workdir, "summary.json")
-  diverged_path = os.path.join(workdir, "diverged.json")
-  if not os.path.exists(summary_path) and not os.path.exists(diverged_path):
-    print(f"[compare] running {name} seed {seed}", file=sys.stderr,
-          flush=True)
-    try:
-      loop.run_experiment(setup.build_experiment(
-          member_config(name, seed, rounds, tiny)), workdir,
-                          show_progress=False)
-    except loop.DivergedError as e:
-      metrics_io.write_json(diverged_path, {"message": str(e)})
-    # Binary run artefacts stay out of the committed results.
-    final_state = os.path.join(workdir, loop.FINAL_STATE_FILE)
-    if os.path.exists(final_state):
-      os.remove(final_state)
-    shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+  # Binary run artefacts (final state, checkpoints) stay out of the
+  # committed results.
+  run = members_lib.run_or_read_back(
+      member_config(name, seed, rounds, tiny), workdir,
+      diverged_file=DIVERGED_FILE,
+      diverged_record=lambda message: {"message": message},
+      keep_final_state=False, keep_checkpoints=False,
+      announce=f"[compare] running {name} seed {seed}")
   records = metrics_io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  if os.path.exists(diverged_path):
+  if run.diverged:
     return {"name": name, "seed": seed, "what": ALGORITHMS[name][0],
             "algorithm": name, "rounds": records[-1]["round"],
             "accuracy": None, "diverged_at": records[-1]["round"],
@@ -137,8 +130,7 @@ def run_member(name: str, seed: int, rounds: int, out_dir: str,
                 r["seconds"] for r in records), "bits_uploaded": None,
             "curve": [(r["round"], r["eval_accuracy"]) for r in records
                       if "eval_accuracy" in r]}
-  with open(summary_path) as f:
-    summary = json.load(f)
+  summary = run.summary
   curve = [(r["round"], r["eval_accuracy"]) for r in records
            if "eval_accuracy" in r]
   mean = lambda key: statistics.fmean(r[key] for r in records if key in r)
@@ -242,11 +234,10 @@ def run(names: Sequence[str], seeds: Sequence[int], rounds: int, out_dir: str,
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  """Command-line entry: the comparison the flags describe."""
+  cli.reject_extra_args(argv)
   cli.quiet_library_logs()
-  command = " ".join(["python -m experiments.compare_algorithms",
+  command = " ".join(["python -m experiments.studies.compare_algorithms",
                       *sys.argv[1:]])
   values = {name: holder.value for name, holder in _FLAGS.items()}
   try:

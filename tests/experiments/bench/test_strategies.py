@@ -1,20 +1,21 @@
-"""The benchmark's main path in --quick mode: files and their structure."""
+"""experiments.bench.strategies in --quick mode: files and their structure."""
 
 import json
 import os
 import subprocess
 import sys
 
-from experiments import bench
+from experiments.bench import strategies
+from experiments.bench import workloads
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 REQUESTED = ["vmap+scan", "vmap+unroll", "map+scan", "chunked+scan"]
 
 
 def test_quick_bench_writes_complete_report(tmp_path):
   out = tmp_path / "bench_test"
-  command = [sys.executable, "-m", "experiments.bench", "--quick",
+  command = [sys.executable, "-m", "experiments.bench.strategies", "--quick",
              "--workloads=w2", f"--strategies={','.join(REQUESTED)}",
              "--max_unroll_steps=16", f"--out={out}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -25,7 +26,7 @@ def test_quick_bench_writes_complete_report(tmp_path):
   report = json.loads((tmp_path / "bench_test.json").read_text())
   assert report["quick"] is True
   assert report["machine"]["backend"] == "cpu"
-  assert "experiments.bench" in report["command"]
+  assert "experiments.bench.strategies" in report["command"]
   entry = report["workloads"]["w2"]
   assert entry["settings"]["timed_rounds"] == [0, 1]
   assert entry["ideal"]["ideal_s_per_round"] > 0
@@ -51,11 +52,11 @@ def test_quick_bench_writes_complete_report(tmp_path):
 
 
 def test_plan_marks_long_unrolls_and_names_chunks():
-  workload = bench.build_workload("w2", quick=True)
-  plan = bench.plan_strategies(["chunked+unroll", "map+scan"], workload,
+  workload = workloads.build_workload("w2", quick=True)
+  plan = strategies.plan_strategies(["chunked+unroll", "map+scan"], workload,
                                max_steps=100, max_unroll=64)
   assert [(label, reason is None) for label, _, reason in plan] == [
       ("chunked5+unroll", False), ("map+scan", True)]
-  plan = bench.plan_strategies(["vmap+unroll"], workload, max_steps=48,
+  plan = strategies.plan_strategies(["vmap+unroll"], workload, max_steps=48,
                                max_unroll=64, chunk_size=3)
   assert plan[0][2] is None

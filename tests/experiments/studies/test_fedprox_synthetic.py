@@ -8,7 +8,7 @@ import os
 
 from absl import flags
 
-from experiments import fedprox_synthetic
+from experiments.studies import fedprox_synthetic
 from fedjax_lab.training import loop
 
 

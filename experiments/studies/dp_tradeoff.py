@@ -1,6 +1,6 @@
 r"""Accuracy vs epsilon: one config at several noise levels, plus no DP.
 
-  python -m experiments.dp_tradeoff [--config=configs/dp_mnist.py] \
+  python -m experiments.studies.dp_tradeoff [--config=configs/dp_mnist.py] \
       [--noise_multipliers=0.5,1,2,4,8 | --target_epsilons=0.5,1,2,4,8] \
       [--seeds=0,1] [--workdir=runs/dp_tradeoff] \
       [--out=experiments/results/dp_mnist_tradeoff]
@@ -21,39 +21,49 @@ import json
 import os
 import statistics
 import sys
+from typing import Sequence
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "configs", "dp_mnist.py"),
-    "A DP config (its privacy.mechanism is kept for the DP members).")
-_NOISE = flags.DEFINE_list("noise_multipliers", ["0.5", "1", "2", "4", "8"],
-                           "Noise multipliers to run.")
-_TARGETS = flags.DEFINE_list(
-    "target_epsilons", [], "If set: calibrate z to each of these epsilons "
-    "(privacy.calibrate=True) instead of sweeping --noise_multipliers.")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) per setting.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/dp_tradeoff",
-                               "Folder for the members' runs.")
-_OUT = flags.DEFINE_string("out", "experiments/results/dp_mnist_tradeoff",
-                           "Output path without extension.")
+from experiments.lib import cli
+from experiments.lib import paths
+from experiments.studies import members as members_lib
+
+# The command-line flags, once define_flags() ran: name -> FlagHolder.
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command-line flags (only when run as a program: other
+  experiments define flags of the same names in a shared test process)."""
+  paths.ensure_configs_importable()
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", paths.config_file("dp_mnist.py"),
+      "A DP config (its privacy.mechanism is kept for the DP members).",
+      flag_values=flag_values)
+  _FLAGS["noise_multipliers"] = flags.DEFINE_list(
+      "noise_multipliers", ["0.5", "1", "2", "4", "8"],
+      "Noise multipliers to run.", flag_values=flag_values)
+  _FLAGS["target_epsilons"] = flags.DEFINE_list(
+      "target_epsilons", [], "If set: calibrate z to each of these epsilons "
+      "(privacy.calibrate=True) instead of sweeping --noise_multipliers.",
+      flag_values=flag_values)
+  _FLAGS["seeds"] = flags.DEFINE_list(
+      "seeds", ["0"], "Seeds (config.seed) per setting.",
+      flag_values=flag_values)
+  _FLAGS["workdir"] = flags.DEFINE_string(
+      "workdir", "runs/dp_tradeoff", "Folder for the members' runs.",
+      flag_values=flag_values)
+  _FLAGS["out"] = flags.DEFINE_string(
+      "out", "experiments/results/dp_mnist_tradeoff",
+      "Output path without extension.", flag_values=flag_values)
 
 
 def _member(config, workdir: str) -> dict:
   """Runs (or reads back) one member; returns its summary."""
-  from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
-  summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      return json.load(f)
-  if os.path.exists(workdir):  # an interrupted member: start it again
-    for name in os.listdir(workdir):
-      os.remove(os.path.join(workdir, name))
-  return loop.run_experiment(setup.build_experiment(config), workdir,
-                             show_progress=False)
+  return members_lib.run_or_read_back(config, workdir).summary
 
 
 def _rows(results):
@@ -135,32 +145,33 @@ def _plot(rows, path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  base = _CONFIG.value
+def main(argv: Sequence[str]) -> None:
+  """Command-line entry: every member, then the table and the plot."""
+  cli.reject_extra_args(argv)
+  value = {name: holder.value for name, holder in _FLAGS.items()}
+  base = value["config"]
   results = []
-  if _TARGETS.value:
+  if value["target_epsilons"]:
     settings = [("no DP", None)] + [(f"eps={e}", float(e))
-                                    for e in _TARGETS.value]
+                                    for e in value["target_epsilons"]]
   else:
     settings = [("no DP", None)] + [(f"z={z}", float(z))
-                                    for z in _NOISE.value]
+                                    for z in value["noise_multipliers"]]
   for label, level in settings:
-    for seed in _SEEDS.value:
+    for seed in value["seeds"]:
       config = base.copy_and_resolve_references()
       config.seed = int(seed)
       if level is None:
         config.privacy.mechanism = "none"
         name = "nodp"
-      elif _TARGETS.value:
+      elif value["target_epsilons"]:
         config.privacy.update({"calibrate": True, "target_epsilon": level})
         name = f"eps{level:g}"
       else:
         config.privacy.update({"calibrate": False, "target_epsilon": 0.0,
                                "noise_multiplier": level})
         name = f"z{level:g}"
-      summary = _member(config, os.path.join(_WORKDIR.value,
+      summary = _member(config, os.path.join(value["workdir"],
                                              f"{name}-seed{seed}"))
       privacy = summary.get("privacy") or {}
       results.append({"setting": label, "seed": int(seed),
@@ -173,17 +184,19 @@ def main(argv):
                       "seconds": summary.get("seconds")})
       print(json.dumps(results[-1]), file=sys.stderr)
   rows = _rows(results)
-  command = "python -m experiments.dp_tradeoff " + " ".join(sys.argv[1:])
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value + ".json", "w") as f:
+  command = "python -m experiments.studies.dp_tradeoff " + " ".join(
+      sys.argv[1:])
+  os.makedirs(os.path.dirname(value["out"]) or ".", exist_ok=True)
+  with open(value["out"] + ".json", "w") as f:
     json.dump({"command": command, "config": json.loads(
         base.to_json_best_effort()), "members": results, "rows": rows}, f,
               indent=2)
-  with open(_OUT.value + ".md", "w") as f:
+  with open(value["out"] + ".md", "w") as f:
     f.write(_markdown(rows, command, base))
-  _plot(rows, _OUT.value + ".png")
+  _plot(rows, value["out"] + ".png")
   print(json.dumps({"rows": rows}))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

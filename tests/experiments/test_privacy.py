@@ -1,4 +1,5 @@
-"""The privacy calculator's command line: epsilon, calibration, JSON, errors."""
+"""experiments.privacy, the privacy calculator: epsilon, calibration, JSON,
+errors."""
 
 import json
 import os

@@ -2,7 +2,7 @@
 
 import json
 
-from experiments import compare_algorithms
+from experiments.studies import compare_algorithms
 from fedjax_lab.training import loop
 
 

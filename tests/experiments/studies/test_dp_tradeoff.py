@@ -5,13 +5,14 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 
 
 def _run(tmp_path, *flags):
   out = tmp_path / "out"
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.dp_tradeoff",
+      [sys.executable, "-m", "experiments.studies.dp_tradeoff",
        "--config=configs/dp_mnist_sweep.py:tiny", f"--workdir={tmp_path}/w",
        f"--out={out}", "--seeds=0", *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -1,4 +1,4 @@
-"""The per-algorithm benchmark in --quick mode: every algorithm, every file."""
+"""experiments.bench.algorithms in --quick mode: every algorithm, every file."""
 
 import json
 import math
@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from experiments import bench_algorithms
+from experiments.bench import algorithms
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 
 
 def test_quick_algorithm_bench_times_every_algorithm(tmp_path):
   out = tmp_path / "bench_algorithms_test"
-  command = [sys.executable, "-m", "experiments.bench_algorithms", "--quick",
+  command = [sys.executable, "-m", "experiments.bench.algorithms", "--quick",
              "--workloads=w2", "--rounds=1", f"--out={out}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
@@ -24,7 +24,7 @@ def test_quick_algorithm_bench_times_every_algorithm(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "bench_algorithms_test.json").read_text())
   rows = {row["variant"]: row for row in report["workloads"]["w2"]["results"]}
-  assert set(rows) == {v.name for v in bench_algorithms.VARIANTS}
+  assert set(rows) == {v.name for v in algorithms.VARIANTS}
   assert rows["fedavg"]["ratio_to_baseline"] == 1.0
   for name, row in rows.items():
     assert 0 < row["ratio_to_baseline"] < math.inf, name
@@ -36,4 +36,4 @@ def test_quick_algorithm_bench_times_every_algorithm(tmp_path):
 
 def test_unknown_algorithm_is_refused():
   with pytest.raises(ValueError, match="nope.*scaffold"):
-    bench_algorithms.select(["fedavg", "nope"])
+    algorithms.select(["fedavg", "nope"])

@@ -1,4 +1,4 @@
-"""The privacy benchmark in --quick mode: files, variants, numbers."""
+"""experiments.bench.privacy in --quick mode: files, variants, numbers."""
 
 import json
 import math
@@ -8,16 +8,16 @@ import sys
 
 import pytest
 
-from experiments import bench_privacy
+from experiments.bench import privacy as bench_privacy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 DP_VARIANTS = ("dp_gaussian", "dp_adaptive", "dp_local")
 
 
 def test_quick_privacy_bench_writes_complete_report(tmp_path):
   out = tmp_path / "bench_privacy_test"
-  command = [sys.executable, "-m", "experiments.bench_privacy", "--quick",
+  command = [sys.executable, "-m", "experiments.bench.privacy", "--quick",
              "--workloads=w2", "--rounds=1", f"--out={out}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
@@ -26,7 +26,7 @@ def test_quick_privacy_bench_writes_complete_report(tmp_path):
 
   report = json.loads((tmp_path / "bench_privacy_test.json").read_text())
   assert report["quick"] is True
-  assert "experiments.bench_privacy" in report["command"]
+  assert "experiments.bench.privacy" in report["command"]
   entry = report["workloads"]["w2"]
   assert entry["strategy"] == "chunked5+scan"  # The CPU default for "dense".
   assert entry["settings"]["timed_rounds"] == [0]

@@ -1,28 +1,28 @@
 r"""Round time of every federated algorithm, as a ratio to FedAvg's.
 
-  python -m experiments.bench_algorithms [--workloads=w1,w2] [--rounds=5] \
-      [--repeats=3] [--variants=...] [--quick] \
+  python -m experiments.bench.algorithms [--workloads=w1,w2] [--rounds=5] \
+      [--repeats=5] [--algorithms=...] [--quick] \
       [--out=experiments/results/bench_algorithms_<backend>]
 
-For the workloads of ``experiments/bench.py`` (W1 EMNIST-sized CNN, cohort
-50; W2 logistic regression on Synthetic(1,1), cohort 10, 20 local epochs),
-with the backend's default strategy for the model family, the same cohorts
-are run by each algorithm of ``fedjax_lab.algorithms`` at the workload's
-client learning rate. Stateful algorithms (SCAFFOLD's control variates, top-k
-error feedback, agnostic FL's domain ids) gather and scatter their per-client
-state exactly as the runner does, and that host work is in the "full" time.
-Mime runs two passes over the cohort (its full-batch gradient first);
-HypCluster (K=2) trains every cluster model on every client; Reptile here
-uses the same cohorts as FedAvg (its fixed inner-step count is a cohort
+For the workloads of ``experiments/bench/workloads.py`` (W1 EMNIST-sized CNN,
+cohort 50; W2 logistic regression on Synthetic(1,1), cohort 10, 20 local
+epochs), with the backend's default strategy for the model family, the same
+cohorts are run by each algorithm of ``fedjax_lab.algorithms`` at the
+workload's client learning rate. Stateful algorithms (SCAFFOLD's control
+variates, top-k error feedback, agnostic FL's domain ids) gather and scatter
+their per-client state exactly as the runner does, and that host work is in the
+"full" time. Mime runs two passes over the cohort (its full-batch gradient
+first); HypCluster (K=2) trains every cluster model on every client; Reptile
+here uses the same cohorts as FedAvg (its fixed inner-step count is a cohort
 setting of the runner, not a cost of the algorithm).
 
-Timing is ``experiments.bench_privacy``'s: a warm-up over every padded
-shape, then ``--repeats`` passes in which every variant restarts from a
-fresh state and the rounds run interleaved (round r of every variant, in a
-rotated order, before round r + 1); a variant's s/round is the median over
-rounds of the best of its repeats, and the ratio divides by FedAvg's, timed
-in the same process. ``fedavg_again`` is FedAvg timed a second time (an A/A
-control: its ratio shows the timing noise).
+Timing is ``experiments.bench.workloads``' (as for the privacy benchmark): a
+warm-up over every padded shape, then ``--repeats`` passes in which every
+variant restarts from a fresh state and the rounds run interleaved (round r of
+every variant, in a rotated order, before round r + 1); a variant's s/round is
+the median over rounds of the best of its repeats, and the ratio divides by
+FedAvg's, timed in the same process. ``fedavg_again`` is FedAvg timed a second
+time (an A/A control: its ratio shows the timing noise).
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ import datetime
 import functools
 import os
 import sys
-import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -41,9 +40,10 @@ import jax
 import numpy as np
 import optax
 
-from experiments import bench
-from experiments import bench_privacy
-from experiments.bench_report import machine_info
+from experiments.bench import report as report_lib
+from experiments.bench import workloads
+from experiments.bench.workloads import Workload
+from experiments.lib import cli
 from fedjax_lab.algorithms import agnostic
 from fedjax_lab.algorithms import base
 from fedjax_lab.algorithms import compression
@@ -56,15 +56,23 @@ from fedjax_lab.algorithms import scaffold
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.strategy import default_strategy
 
-# experiments.bench's flags (--workloads, --rounds, --quick, --out,
-# --full_warmup) and experiments.bench_privacy's --repeats are shared.
-_COMPILED = bench._COMPILED  # pylint: disable=protected-access
-_ALGORITHMS = flags.DEFINE_list(
-    "algorithms", None, "Algorithms to time (FedAvg is always added); "
-    "default: all.")
+# The command-line flags, once define_flags() ran: name -> FlagHolder.
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the benchmark's flags (only when run as a program)."""
+  _FLAGS.update(workloads.define_common_flags(flag_values, ("w1", "w2")))
+  _FLAGS["repeats"] = flags.DEFINE_integer(
+      "repeats", 5, "Timed passes per variant (interleaved).",
+      flag_values=flag_values)
+  _FLAGS["algorithms"] = flags.DEFINE_list(
+      "algorithms", None, "Algorithms to time (FedAvg is always added); "
+      "default: all.", flag_values=flag_values)
+
 
 # (workload, model) -> (algorithm, stacked initial client states or None).
-Builder = Callable[[bench.Workload, Any],
+Builder = Callable[[Workload, Any],
                    tuple[base.FederatedAlgorithm, Any]]
 
 
@@ -78,11 +86,11 @@ class AlgorithmVariant:
   build: Builder
 
 
-def _sgd(w: bench.Workload) -> optax.GradientTransformation:
+def _sgd(w: Workload) -> optax.GradientTransformation:
   return optax.sgd(w.client_lr)
 
 
-def _stateless(make: Callable[[bench.Workload, Any], base.FederatedAlgorithm]
+def _stateless(make: Callable[[Workload, Any], base.FederatedAlgorithm]
                ) -> Builder:
   return lambda w, model: (make(w, model), None)
 
@@ -94,14 +102,14 @@ def _momentum() -> optax.GradientTransformation:
 _NUM_DOMAINS = 4
 
 
-def _agnostic(w: bench.Workload, model):
+def _agnostic(w: Workload, model):
   algorithm = agnostic.agnostic_fedavg(model, _sgd(w), optax.sgd(1.0),
                                        _NUM_DOMAINS, 0.1)
   domains = np.arange(w.store.num_clients) % _NUM_DOMAINS
   return algorithm, agnostic.client_domain_states(domains, _NUM_DOMAINS)
 
 
-def _hypcluster(w: bench.Workload, model):
+def _hypcluster(w: Workload, model):
   algorithm = hypcluster.hypcluster(model, _sgd(w), optax.sgd(1.0), 2)
   clusters = hypcluster.random_init(model, 2, jax.random.key(0))
   return dataclasses.replace(
@@ -184,7 +192,7 @@ def select(names: list[str] | None) -> list[AlgorithmVariant]:
           if v.kind == "baseline" or names is None or v.name in names]
 
 
-def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
+def bench_workload(w: Workload, variants: list[AlgorithmVariant],
                    num_rounds: int, repeats: int, log=print) -> dict[str, Any]:
   """Times every variant on ``w`` (interleaved); the report's entry."""
   rounds = list(range(num_rounds))
@@ -192,39 +200,17 @@ def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
   warmup = [shapes.index(s) for s in dict.fromkeys(shapes)]
   strategy = default_strategy(w.family)
   model = w.make_model()
-  rng = jax.random.key(1)
-  runs, rows = {}, []
+  runs, rows = {}, {}
   for v in variants:
     algorithm, client_states = v.build(w, model)
     fn = round_lib.build_round(algorithm, strategy, donate=False)
-    state, states = bench._fresh_state(w, model, algorithm, client_states)
-    before, start = dict(_COMPILED), time.perf_counter()
-    for r in warmup:
-      state, states, _, _ = bench.one_round(w, fn, state, states, r, rng)
-    rows.append({"variant": v.name, "kind": v.kind,
-                 "description": v.description,
-                 "algorithm": algorithm.name,
-                 "warmup_s": time.perf_counter() - start,
-                 "compile_s": _COMPILED["seconds"] - before["seconds"],
-                 "round_s": [[] for _ in range(repeats)],
-                 "round_fn_s": [[] for _ in range(repeats)]})
+    rows[v.name] = workloads.new_row(
+        v.name, v.kind, v.description, repeats, algorithm=algorithm.name,
+        **workloads.warm_up(w, model, algorithm, fn, client_states, warmup))
     runs[v.name] = (algorithm, fn, client_states)
-    log(f"[{w.name}] {v.name}: warm-up {rows[-1]['warmup_s']:.1f} s")
-  by_name = {row["variant"]: row for row in rows}
-  for repeat in range(repeats):
-    live = {name: bench._fresh_state(w, model, alg, states)
-            for name, (alg, _, states) in runs.items()}
-    for position, round_index in enumerate(rounds):
-      order = bench_privacy._rotated(  # pylint: disable=protected-access
-          list(runs), repeat * len(rounds) + position)
-      for name in order:
-        state, states, full_s, fn_s = bench.one_round(
-            w, runs[name][1], *live[name], round_index, rng)
-        live[name] = (state, states)
-        by_name[name]["round_s"][repeat].append(full_s)
-        by_name[name]["round_fn_s"][repeat].append(fn_s)
-  bench_privacy._summarise(rows)  # pylint: disable=protected-access
-  for row in rows:
+    log(f"[{w.name}] {v.name}: warm-up {rows[v.name]['warmup_s']:.1f} s")
+  workloads.time_interleaved(w, model, runs, rows, rounds, repeats)
+  for row in rows.values():
     log(f"[{w.name}] {row['variant']}: {row['median_round_s']:.4f} s/round, "
         f"ratio to FedAvg {row['ratio_to_baseline']:.3f}")
   return {"title": w.title, "data": w.data_note, "strategy": strategy.label,
@@ -232,7 +218,7 @@ def bench_workload(w: bench.Workload, variants: list[AlgorithmVariant],
                        "batch_size": w.batch_size,
                        "num_epochs": w.num_epochs, "client_lr": w.client_lr,
                        "timed_rounds": rounds, "repeats": repeats},
-          "results": rows}
+          "results": list(rows.values())}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -259,7 +245,8 @@ def render_markdown(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def run_bench(workloads: list[str], rounds: int = 5, repeats: int = 3,
+def run_bench(workload_names: Sequence[str], rounds: int = 5,
+              repeats: int = 3,
               quick: bool = False, algorithms: list[str] | None = None,
               command: str = "", out: str | None = None,
               log=print) -> dict[str, Any]:
@@ -267,30 +254,32 @@ def run_bench(workloads: list[str], rounds: int = 5, repeats: int = 3,
   chosen = select(algorithms)
   if quick:
     rounds, repeats = min(rounds, 2), 1
-  report = {"machine": machine_info(), "command": command, "quick": quick,
+  report = {"machine": report_lib.machine_info(), "command": command,
+            "quick": quick,
             "date": datetime.datetime.now().astimezone().isoformat(
                 timespec="seconds"),
             "variants": [v.name for v in chosen], "workloads": {}}
-  for name in workloads:
+  for name in workload_names:
     report["workloads"][name] = bench_workload(
-        bench.build_workload(name, quick), chosen, rounds, repeats, log)
+        workloads.build_workload(name, quick), chosen, rounds, repeats, log)
     if out:
-      bench_privacy.write_outputs(report, out, render=render_markdown)
+      report_lib.write_outputs(report, out, render_markdown)
   return report
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  values = flags.FLAGS
-  out = values.out or os.path.join(
+def main(argv: Sequence[str]) -> None:
+  """Command-line entry: the benchmark the flags describe."""
+  cli.reject_extra_args(argv)
+  value = {name: holder.value for name, holder in _FLAGS.items()}
+  out = value["out"] or os.path.join(
       "experiments", "results", f"bench_algorithms_{jax.default_backend()}")
-  run_bench(values.workloads, values.rounds, values.repeats, values.quick,
-            _ALGORITHMS.value,
-            f"python -m experiments.bench_algorithms {' '.join(sys.argv[1:])}"
+  run_bench(value["workloads"], value["rounds"], value["repeats"],
+            value["quick"], value["algorithms"],
+            f"python -m experiments.bench.algorithms {' '.join(sys.argv[1:])}"
             .strip(), out, functools.partial(print, flush=True))
   print(f"wrote {out}.json and {out}.md")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit())

@@ -1,4 +1,5 @@
-"""User errors end with one 'error:' line naming what to change, no traceback."""
+"""experiments.lib.cli: user errors end with one 'error:' line naming what to
+change, no traceback (exit 2), seen through ``python -m experiments.run``."""
 
 import os
 import subprocess
@@ -8,8 +9,8 @@ import pytest
 
 from fedjax_lab.data.sources import digits, mnist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 TINY = "--config=configs/synthetic_logreg_fedavg.py:tiny"
 
 
