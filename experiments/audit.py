@@ -8,7 +8,7 @@ Adds K canary clients (each sends a fixed random direction of norm C every
 round it is sampled) to the training population, trains the config's
 experiment as ``experiments.run`` would (same files in DIR), then compares the
 final model delta with the K inserted and K2 never-inserted directions and
-reports the empirical epsilon (``fedjax_lab.privacy.audit``). The report is
+reports the empirical epsilon (``fedjax_lab.audit.one_shot``). The report is
 written to ``DIR/audit.json`` and printed as the last line on stdout.
 
 C is ``--clip_norm`` if given, else ``config.privacy.clip_norm``; delta is
@@ -59,7 +59,8 @@ def main(argv: Sequence[str]) -> None:
   """Trains with canaries inserted and prints the audit's report."""
   cli.reject_extra_args(argv)
   # Imported here so --help stays fast.
-  from fedjax_lab.privacy import audit, canaries  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.audit import canaries  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.audit import one_shot  # pylint: disable=g-import-not-at-top
   from fedjax_lab.training import setup  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
@@ -86,7 +87,7 @@ def main(argv: Sequence[str]) -> None:
         f"strategy: {experiment.strategy.label} on "
         f"{setup.describe_devices()}; workdir: {workdir}", file=sys.stderr)
   with cli.run_errors_exit():
-    report = audit.run_audit(
+    report = one_shot.run_audit(
         experiment, workdir, num_canaries=_NUM_CANARIES.value,
         num_held_out=_NUM_HELD_OUT.value, seed=seed, delta=delta,
         clip_norm=clip_norm, null=_NULL.value,

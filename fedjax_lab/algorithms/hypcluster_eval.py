@@ -6,7 +6,11 @@ mean loss on its training examples, and its test examples are scored by that
 model. :func:`client_batches` tags padded batches with their client,
 :func:`build_cluster_losses` gives every client's loss under every cluster
 and :func:`build_hypcluster_evaluator` the metrics. The algorithm itself is
-:mod:`fedjax_lab.algorithms.hypcluster` (which re-exports these names).
+:mod:`fedjax_lab.algorithms.hypcluster` (which re-exports these names): its
+k-means-like initialisation uses the losses and its recipe's evaluator (what
+a run records) the metrics, so they stay in the algorithms layer; the
+one-call evaluation of cluster models on a pair of stores is
+:func:`fedjax_lab.evaluation.clusters.hypcluster_evaluate`.
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def build_hypcluster_evaluator(model: model_base.Model
   jitted batch functions compile once per batch shape.
 
   Returns ``{metric: value}`` over all test examples (``loss``,
-  ``accuracy``, ... as :func:`fedjax_lab.engine.evaluate.build_evaluator`)
+  ``accuracy``, ... as :func:`fedjax_lab.evaluation.central.build_evaluator`)
   plus ``cluster_clients_<k>``, the training clients (with examples) per
   cluster.
   """
@@ -181,15 +185,3 @@ def build_hypcluster_evaluator(model: model_base.Model
     return result
 
   return evaluate
-
-
-def hypcluster_evaluate(model: model_base.Model, cluster_params: base.PyTree,
-                        train_store: ClientStore, test_store: ClientStore,
-                        batch_size: int) -> dict[str, float]:
-  """HypCluster evaluation (Mansour et al. 2020; FedJAX's evaluator): every
-  client takes the cluster with the lowest loss on its train split; returns
-  the test-split metrics and ``cluster_clients_<k>``. Compiles on every call:
-  a training loop should use :func:`build_hypcluster_evaluator` instead."""
-  evaluate = build_hypcluster_evaluator(model)
-  return evaluate(cluster_params, client_batches(train_store, batch_size),
-                  client_batches(test_store, batch_size, reference=train_store))

@@ -34,7 +34,7 @@ differs from FedAvg only in three documented choices:
 
 Jiang et al. observe that FedAvg itself is Reptile-like; this module lets the
 two be compared head to head with the personalization evaluator
-(:mod:`fedjax_lab.engine.personalization`).
+(:mod:`fedjax_lab.evaluation.personalization`).
 
 DP: pass e.g. ``privacy.aggregators.gaussian_sum(...)`` as ``aggregator``;
 each client's ``y_k - x`` is clipped and noised like any FedAvg delta. The

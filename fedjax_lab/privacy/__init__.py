@@ -1,4 +1,4 @@
-"""Differential privacy for federated learning: mechanisms, accounting, audit.
+"""Differential privacy for federated learning: mechanisms and accounting.
 
 * :mod:`clipping` — L2 clipping of whole update pytrees.
 * :mod:`aggregators` — DP-FedAvg's Gaussian sum, adaptive clipping, local DP
@@ -8,6 +8,7 @@
   calibration of the noise multiplier (through ``dp_accounting``).
 * :mod:`plan` — a config's ``privacy`` block resolved into the mechanism and
   its accounting (refusing combinations whose guarantee would not hold).
-* :mod:`canaries`, :mod:`empirical_epsilon`, :mod:`audit` — the one-shot
-  empirical privacy audit with canary clients.
+* :mod:`empirical_epsilon` — the math of the one-shot empirical privacy
+  audit (the audit itself runs whole experiments, so it lives above
+  training, in :mod:`fedjax_lab.audit`).
 """

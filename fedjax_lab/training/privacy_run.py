@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
@@ -200,26 +199,3 @@ def resolved_config(config_dict: dict[str, Any],
   out = json.loads(json.dumps(config_dict))
   out["privacy"]["delta"] = plan.delta
   return out
-
-
-
-def run_sampler(experiment, workdir: str):
-  """The cohort sampler a finished or interrupted run in ``workdir`` used:
-  for a DP run, seeded with the secret kept in its checkpoint (for the
-  curator's own analyses, e.g. the canary audit's participation counts)."""
-  from fedjax_lab.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.training import setup  # pylint: disable=g-import-not-at-top
-  if experiment.privacy is None:
-    return experiment.sampler
-  checkpoints = workdir_lib.RunCheckpoints(
-      os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
-  try:
-    record = checkpoints.latest_record()
-  finally:
-    checkpoints.close()
-  if record is None or SEED_RECORD_KEY not in record:
-    raise MissingSecretError(f"{workdir} holds no checkpoint with the run's "
-                             "noise seed.")
-  return setup.make_sampler(
-      experiment.config, experiment.dataset.train.num_clients,
-      secret_seed.sampling_seed(int(record[SEED_RECORD_KEY])))

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_lab.algorithms import fedavg, hypcluster, hypcluster_eval
+from fedjax_lab.algorithms import fedavg, hypcluster
 from fedjax_lab.data.cohort import make_round_cohort
 from fedjax_lab.data.federated import ClientStore
 from fedjax_lab.data.sources import load_dataset
@@ -183,41 +183,6 @@ def test_dp_aggregator_clips_the_pair_and_keeps_per_cluster_means(
                                jax.tree.leaves(_row(clusters, k))))
       norms.append(np.sqrt(sq + scale**2))
   assert metrics["update_norm"] == pytest.approx(np.mean(norms), rel=1e-5)
-
-
-def _store(per_client):
-  return ClientStore.from_client_arrays(
-      [f"c{i}" for i in range(len(per_client))],
-      [{"x": x, "y": y} for x, y in per_client])
-
-
-def test_evaluate_matches_a_per_client_loop(deterministic_model):
-  clusters = hypcluster.random_init(deterministic_model, 3, jax.random.key(4))
-  clients = make_clients(7, seed=5, min_size=2, max_size=9)
-  train = _store([(x[:-1], y[:-1]) for x, y in clients])
-  test = _store([(x[-1:], y[-1:]) for x, y in clients][::-1])  # other order
-  test = ClientStore(test.client_ids[::-1].copy(), test.offsets,
-                     test.features)  # ids now name the right clients
-  assert list(test.client_ids) != list(train.client_ids)
-  result = hypcluster_eval.hypcluster_evaluate(
-      deterministic_model, clusters, train, test, batch_size=4)
-
-  def mean_loss(params, x, y):
-    loss, _ = deterministic_model.example_loss(
-        deterministic_model.apply(params, {"x": x}, None, False), {"y": y})
-    return float(np.mean(loss))
-
-  correct, counts = 0, np.zeros(3)
-  for x, y in clients:
-    losses = [mean_loss(_row(clusters, k), x[:-1], y[:-1]) for k in range(3)]
-    k = int(np.argmin(losses))
-    counts[k] += 1
-    logits = deterministic_model.apply(_row(clusters, k), {"x": x[-1:]}, None,
-                                       False)
-    correct += int(np.argmax(logits[0]) == y[-1])
-  assert result["accuracy"] == pytest.approx(correct / len(clients))
-  for k in range(3):
-    assert result[f"cluster_clients_{k}"] == counts[k]
 
 
 def _two_group_synthetic(num_clients=20):

@@ -11,13 +11,12 @@ import optax
 import pytest
 
 from fedjax_lab.algorithms import base, fedavg
+from fedjax_lab.audit import canaries as canaries_lib
 from fedjax_lab.engine.round import build_round
 from fedjax_lab.engine.strategy import Strategy
-from fedjax_lab.privacy import canaries as canaries_lib
+from fedjax_lab.models import base as model_base
 from fedjax_lab.privacy import clipping
 from fedjax_lab.training import setup
-
-from fedjax_lab.models import base as model_base
 
 from tests.engine.conftest import TinySoftmax, build_cohort, make_clients
 

@@ -20,12 +20,20 @@ no-op) and evaluated on padded ``[C, T, B, ...]`` test batches, one jitted call
 per chunk, so memory stays bounded by the chunk whatever the population. A
 client's result depends only on its own data, the run's shuffle seed and its
 key ``fold_in(rng, client_index)``, not on which clients share its chunk.
+
+* :func:`build_personalization_evaluator` — the protocol above, for any
+  model, optimizer and stores;
+* :func:`build_runner` — the runner's evaluation from a config's
+  ``personalization`` block (a fixed subset of clients, built once so it
+  compiles once), and :func:`describe`, what ``summary.json`` keeps of it;
+* the result and its summary:
+  :mod:`fedjax_lab.evaluation.personalization_report`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,126 +41,16 @@ import numpy as np
 import optax
 
 from fedjax_lab.algorithms import local
+from fedjax_lab.algorithms.optimizers import build_optimizer
 from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data.federated import ClientStore
+from fedjax_lab.data.federated import FederatedDataset
+from fedjax_lab.evaluation.personalization_report import PersonalizationResult
 from fedjax_lab.models import base as model_base
 
 PyTree = Any
-# Metrics whose smaller values are better; every other metric (accuracy, ...)
-# is better when larger.
-_LOWER_IS_BETTER_WORDS = ("loss", "perplexity")
-
-
-def lower_is_better(metric_name: str) -> bool:
-  """Whether smaller values of ``metric_name`` are better (losses)."""
-  return any(word in metric_name for word in _LOWER_IS_BETTER_WORDS)
-
-
-@dataclasses.dataclass(frozen=True)
-class PersonalizationResult:
-  """Per-client metrics of the global and the fine-tuned model.
-
-  ``K`` = clients evaluated (clients without test examples are skipped and
-  only counted). Every array is ``[K]``, in the order of the requested client
-  indices.
-
-  Attributes:
-    client_ids: the clients' ids (shared by the train and test stores).
-    client_indices: positions in the train store.
-    num_train_examples: examples each client fine-tuned on (its train split).
-    num_test_examples: examples in each client's test split.
-    num_fine_tune_steps: local optax steps each client took.
-    global_metrics: metric name -> the global model's value per client (e.g.
-      ``accuracy`` as a fraction, ``loss`` in nats per example/token).
-    personalized_metrics: the same for the fine-tuned models.
-    metric_weights: metric name -> what the metric averages over per client
-      (test examples; valid tokens for sequence metrics).
-    num_skipped_no_test_examples: requested clients with no test examples
-      (or absent from the test store).
-  """
-
-  client_ids: np.ndarray
-  client_indices: np.ndarray
-  num_train_examples: np.ndarray
-  num_test_examples: np.ndarray
-  num_fine_tune_steps: np.ndarray
-  global_metrics: Mapping[str, np.ndarray]
-  personalized_metrics: Mapping[str, np.ndarray]
-  metric_weights: Mapping[str, np.ndarray]
-  num_skipped_no_test_examples: int
-
-  @property
-  def num_clients(self) -> int:
-    """Number of clients evaluated ``K``."""
-    return len(self.client_ids)
-
-  @property
-  def global_accuracy(self) -> np.ndarray:
-    """``[K]`` accuracy of the global model on each client's test split."""
-    return self.global_metrics["accuracy"]
-
-  @property
-  def personalized_accuracy(self) -> np.ndarray:
-    """``[K]`` accuracy of each client's fine-tuned model."""
-    return self.personalized_metrics["accuracy"]
-
-  @property
-  def global_loss(self) -> np.ndarray:
-    """``[K]`` mean test loss of the global model per client."""
-    return self.global_metrics["loss"]
-
-  @property
-  def personalized_loss(self) -> np.ndarray:
-    """``[K]`` mean test loss of each client's fine-tuned model."""
-    return self.personalized_metrics["loss"]
-
-  def summary(self) -> dict[str, float]:
-    """The distribution over clients, before (``global_``) and after
-    (``personalized_``) fine-tuning, for every metric ``m``:
-
-    * ``{prefix}_{m}_mean_example_weighted``: pooled over all test examples
-      (tokens), i.e. weighted by :attr:`metric_weights`;
-    * ``{prefix}_{m}_mean_client_uniform``: the plain mean over clients;
-    * ``{prefix}_{m}_median``;
-    * the tail on the bad side: ``{prefix}_{m}_p10`` (10th percentile) and
-      ``{prefix}_{m}_worst`` (minimum) for accuracies, ``{prefix}_{m}_p90``
-      and ``{prefix}_{m}_worst`` (maximum) for losses;
-    * ``fraction_clients_improved_{m}`` / ``fraction_clients_worse_{m}``:
-      clients whose fine-tuned model is strictly better / worse than the
-      global one (ties count in neither).
-
-    Percentiles use numpy's default (linear interpolation). Also
-    ``num_clients_evaluated`` and ``num_clients_skipped_no_test_examples``.
-    """
-    out = {"num_clients_evaluated": float(self.num_clients),
-           "num_clients_skipped_no_test_examples":
-               float(self.num_skipped_no_test_examples)}
-    if self.num_clients == 0:
-      return out
-    for name in self.global_metrics:
-      weights = np.asarray(self.metric_weights[name], np.float64)
-      lower = lower_is_better(name)
-      for prefix, metrics in (("global", self.global_metrics),
-                              ("personalized", self.personalized_metrics)):
-        values = np.asarray(metrics[name], np.float64)
-        key = f"{prefix}_{name}"
-        out[f"{key}_mean_example_weighted"] = float(
-            np.sum(values * weights) / max(np.sum(weights), 1e-12))
-        out[f"{key}_mean_client_uniform"] = float(np.mean(values))
-        out[f"{key}_median"] = float(np.median(values))
-        if lower:
-          out[f"{key}_p90"] = float(np.percentile(values, 90))
-          out[f"{key}_worst"] = float(np.max(values))
-        else:
-          out[f"{key}_p10"] = float(np.percentile(values, 10))
-          out[f"{key}_worst"] = float(np.min(values))
-      before = np.asarray(self.global_metrics[name])
-      after = np.asarray(self.personalized_metrics[name])
-      improved = after < before if lower else after > before
-      worse = after > before if lower else after < before
-      out[f"fraction_clients_improved_{name}"] = float(np.mean(improved))
-      out[f"fraction_clients_worse_{name}"] = float(np.mean(worse))
-    return out
+# Mixed into the seed for the runner's fixed subset of evaluated clients.
+_CLIENT_SUBSET_SALT = 0x9E25
 
 
 def match_test_clients(train_store: ClientStore, test_store: ClientStore,
@@ -362,3 +260,63 @@ def build_personalization_evaluator(
         num_skipped_no_test_examples=int(np.count_nonzero(~kept)))
 
   return evaluate
+
+
+# ---- the runner's evaluation, from the config ------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PersonalizationRunner:
+  """Fine-tune-and-evaluate for a run.
+
+  Attributes:
+    every: evaluate every this many rounds (0: only after the last round).
+    evaluate: ``params -> PersonalizationResult``.
+  """
+
+  every: int
+  evaluate: Callable[[PyTree], PersonalizationResult]
+
+  def __call__(self, params: PyTree) -> PersonalizationResult:
+    return self.evaluate(params)
+
+
+def build_runner(config: Any, model: model_base.Model,
+                 dataset: FederatedDataset) -> PersonalizationRunner:
+  """The ``personalization`` block of ``config`` as a runner.
+
+  ``max_clients`` > 0 evaluates a fixed random subset of that many training
+  clients (the same every time); fine-tuning uses SGD at
+  ``learning_rate`` for ``num_epochs`` epochs of ``batch_size``. Memory grows
+  with ``clients_per_chunk x eval_batch_size`` examples in flight (a CNN's
+  activations are ~1 MB per MNIST example): keep both small.
+  """
+  block = config.personalization
+  evaluator = build_personalization_evaluator(
+      model, build_optimizer("sgd", block.learning_rate, {}),
+      num_epochs=block.num_epochs, batch_size=block.batch_size,
+      eval_batch_size=block.get("eval_batch_size", 32),
+      clients_per_chunk=block.get("clients_per_chunk", 16),
+      shuffle_seed=config.seed)
+  population = dataset.train.num_clients
+  clients = None
+  if block.max_clients and block.max_clients < population:
+    clients = np.sort(np.random.default_rng(
+        [config.seed, _CLIENT_SUBSET_SALT]).choice(
+            population, block.max_clients, replace=False))
+  rng = jax.random.fold_in(jax.random.key(config.seed), _CLIENT_SUBSET_SALT)
+  return PersonalizationRunner(
+      every=block.get("every", 0),
+      evaluate=lambda params: evaluator(params, dataset.train, dataset.test,
+                                        clients, rng=rng))
+
+
+def describe(result: PersonalizationResult) -> dict[str, Any]:
+  """The distribution summary plus per-client metrics (for plots)."""
+  out: dict[str, Any] = dict(result.summary())
+  out["client_ids"] = [str(c) for c in result.client_ids]
+  for name, values in result.global_metrics.items():
+    out[f"global_{name}_per_client"] = np.asarray(values).tolist()
+  for name, values in result.personalized_metrics.items():
+    out[f"personalized_{name}_per_client"] = np.asarray(values).tolist()
+  return out

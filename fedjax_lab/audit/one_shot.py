@@ -40,34 +40,41 @@ Caveats:
   canaries (hundreds to thousands) in a population large enough to hold
   them.
 * Canaries enlarge the population, so the real clients' sampling differs
-  slightly from the configured one (see :mod:`~fedjax_lab.privacy.canaries`).
+  slightly from the configured one (see :mod:`~fedjax_lab.audit.canaries`).
 
 The pieces:
 
-* :mod:`~fedjax_lab.privacy.canaries` — the canary directions, their cosines
+* :mod:`~fedjax_lab.audit.canaries` — the canary directions, their cosines
   with a model delta, and canary clients in an algorithm and an experiment.
 * :mod:`~fedjax_lab.privacy.empirical_epsilon` — the estimate.
 * :func:`audit_report` — the cosines of a trained model's delta and the
   estimate; :func:`run_audit` — train with canaries, then report (what
-  ``experiments/audit.py`` runs).
+  ``experiments/audit.py`` runs); :func:`run_sampler` — the cohorts a run
+  really drew (a DP run's secret seed read back from its checkpoint), for
+  :func:`canary_participation`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab.privacy import canaries as canaries_lib
+from fedjax_lab.audit import canaries as canaries_lib
+from fedjax_lab.data.sampling import ClientSampler
 from fedjax_lab.privacy import clipping
 from fedjax_lab.privacy import empirical_epsilon as epsilon_lib
-
-if TYPE_CHECKING:
-  from fedjax_lab.training.setup import Experiment
+from fedjax_lab.privacy import secret_seed
+from fedjax_lab.training import loop
+from fedjax_lab.training import metrics_io
+from fedjax_lab.training import privacy_run
+from fedjax_lab.training import setup
+from fedjax_lab.training import workdir as workdir_lib
+from fedjax_lab.training.setup import Experiment
 
 PyTree = Any
 
@@ -85,7 +92,36 @@ def _describe(values: np.ndarray) -> dict[str, float] | None:
           "max": float(np.max(values))}
 
 
-def canary_participation(sampler: Any, canaries: canaries_lib.CanarySetup,
+def run_sampler(experiment: Experiment, workdir: str) -> ClientSampler:
+  """The cohort sampler a finished or interrupted run in ``workdir`` used.
+
+  A non-private run's is the experiment's own; a DP run samples with a
+  secret seed, kept only in its checkpoints, so its sampler is rebuilt from
+  the newest checkpoint's record (for the curator's own analyses, such as
+  :func:`canary_participation`; never for anything released).
+
+  Raises:
+    privacy_run.MissingSecretError: a DP run whose workdir holds no
+      checkpoint with its seed.
+  """
+  if experiment.privacy is None:
+    return experiment.sampler
+  checkpoints = workdir_lib.RunCheckpoints(
+      os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
+  try:
+    record = checkpoints.latest_record()
+  finally:
+    checkpoints.close()
+  if record is None or privacy_run.SEED_RECORD_KEY not in record:
+    raise privacy_run.MissingSecretError(
+        f"{workdir} holds no checkpoint with the run's noise seed.")
+  return setup.make_sampler(
+      experiment.config, experiment.dataset.train.num_clients,
+      secret_seed.sampling_seed(int(record[privacy_run.SEED_RECORD_KEY])))
+
+
+def canary_participation(sampler: ClientSampler,
+                         canaries: canaries_lib.CanarySetup,
                          num_rounds: int) -> np.ndarray:
   """How many of the first ``num_rounds`` cohorts each inserted canary was in."""
   counts = np.zeros([canaries.num_canaries], np.int64)
@@ -178,7 +214,7 @@ def run_audit(experiment: Experiment, workdir: str, num_canaries: int,
               show_progress: bool = False) -> dict[str, Any]:
   """Trains ``experiment`` with canaries and estimates its empirical epsilon.
 
-  Adds the canaries (:func:`~fedjax_lab.privacy.canaries.add_canaries`),
+  Adds the canaries (:func:`~fedjax_lab.audit.canaries.add_canaries`),
   runs :func:`fedjax_lab.training.loop.run_experiment` in ``workdir`` (its
   usual files, including ``final_state.npz``), reloads the final server
   state, recomputes ``theta_0`` exactly as the loop draws it
@@ -195,9 +231,9 @@ def run_audit(experiment: Experiment, workdir: str, num_canaries: int,
     num_held_out: ``k'`` never-inserted directions.
     seed: seed of the canary directions.
     delta: ``delta`` of the estimate; default
-      :func:`~fedjax_lab.privacy.canaries.resolve_delta`.
+      :func:`~fedjax_lab.audit.canaries.resolve_delta`.
     clip_norm: canary norm; default
-      :func:`~fedjax_lab.privacy.canaries.resolve_clip_norm`.
+      :func:`~fedjax_lab.audit.canaries.resolve_clip_norm`.
     null: ``"theoretical"`` or ``"held_out"`` (see
       :func:`~fedjax_lab.privacy.empirical_epsilon.empirical_epsilon`).
     show_progress: show the loop's progress bar.
@@ -205,10 +241,6 @@ def run_audit(experiment: Experiment, workdir: str, num_canaries: int,
   Returns:
     The report written to ``audit.json`` (strict JSON values).
   """
-  from fedjax_lab.training import loop  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.training import privacy_run  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.training import metrics_io  # pylint: disable=g-import-not-at-top
-
   delta = canaries_lib.resolve_delta(experiment, delta)
   audited, canaries = canaries_lib.add_canaries(
       experiment, num_canaries, num_held_out, seed, clip_norm=clip_norm)
@@ -224,7 +256,7 @@ def run_audit(experiment: Experiment, workdir: str, num_canaries: int,
   rounds = int(summary["rounds"])
   # The cohorts the run really drew (a DP run samples with its secret seed).
   participation = canary_participation(
-      privacy_run.run_sampler(audited, workdir), canaries, rounds)
+      run_sampler(audited, workdir), canaries, rounds)
   plan = getattr(audited, "privacy", None)
   report.update({
       "accountant_epsilon": summary.get("epsilon"),

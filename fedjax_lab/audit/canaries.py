@@ -2,7 +2,7 @@
 
 The canaries of Andrew et al., "One-shot Empirical Privacy Estimation for
 Federated Learning", ICLR 2024 (arXiv:2302.03098); the audit itself is
-:mod:`fedjax_lab.privacy.audit`.
+:mod:`fedjax_lab.audit.one_shot`.
 
 * Canary ``i``'s update is a fixed random direction ``u_i`` (an isotropic
   Gaussian over the whole model pytree, normalised to unit L2 norm, drawn from
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +46,7 @@ from fedjax_lab.data.federated import ClientStore, FederatedDataset
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.privacy import clipping
 from fedjax_lab.privacy import plan as plan_lib
-
-if TYPE_CHECKING:
-  from fedjax_lab.training.setup import Experiment
+from fedjax_lab.training.setup import Experiment
 
 PyTree = Any
 

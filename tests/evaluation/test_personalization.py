@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -9,12 +10,12 @@ import pytest
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.data.cohort import make_cohort, make_eval_batches
 from fedjax_lab.data.cohort import make_round_cohort
-from fedjax_lab.data.federated import ClientStore
+from fedjax_lab.data.federated import ClientStore, FederatedDataset
 from fedjax_lab.data.sources import load_dataset
-from fedjax_lab.engine import personalization
 from fedjax_lab.engine import round as round_lib
-from fedjax_lab.engine.evaluate import build_evaluator
 from fedjax_lab.engine.strategy import Strategy
+from fedjax_lab.evaluation import personalization
+from fedjax_lab.evaluation.central import build_evaluator
 from fedjax_lab.models import get_model
 
 from tests.engine.conftest import make_clients
@@ -213,52 +214,6 @@ def test_test_clients_are_matched_by_id():
                                  rtol=1e-6)
 
 
-def test_summary_matches_numpy():
-  rng = np.random.default_rng(0)
-  num_clients = 23
-  before = rng.uniform(size=num_clients)
-  after = before + rng.normal(scale=0.2, size=num_clients)
-  after[:3] = before[:3]  # ties are not improvements
-  loss_before, loss_after = rng.uniform(1, 3, num_clients), rng.uniform(
-      0, 3, num_clients)
-  weights = rng.integers(1, 50, num_clients).astype(np.float64)
-  result = personalization.PersonalizationResult(
-      client_ids=np.array([str(i) for i in range(num_clients)]),
-      client_indices=np.arange(num_clients),
-      num_train_examples=weights * 4, num_test_examples=weights,
-      num_fine_tune_steps=np.ones(num_clients, np.int64),
-      global_metrics={"loss": loss_before, "accuracy": before},
-      personalized_metrics={"loss": loss_after, "accuracy": after},
-      metric_weights={"loss": weights, "accuracy": weights},
-      num_skipped_no_test_examples=2)
-  summary = result.summary()
-  for prefix, acc, loss in (("global", before, loss_before),
-                            ("personalized", after, loss_after)):
-    assert summary[f"{prefix}_accuracy_p10"] == pytest.approx(
-        np.percentile(acc, 10))
-    assert summary[f"{prefix}_accuracy_median"] == pytest.approx(
-        np.median(acc))
-    assert summary[f"{prefix}_accuracy_worst"] == acc.min()
-    assert summary[f"{prefix}_accuracy_mean_client_uniform"] == pytest.approx(
-        acc.mean())
-    assert summary[f"{prefix}_accuracy_mean_example_weighted"] == (
-        pytest.approx(np.average(acc, weights=weights)))
-    assert summary[f"{prefix}_loss_p90"] == pytest.approx(
-        np.percentile(loss, 90))
-    assert summary[f"{prefix}_loss_worst"] == loss.max()
-  assert summary["fraction_clients_improved_accuracy"] == pytest.approx(
-      np.mean(after > before))
-  assert summary["fraction_clients_worse_accuracy"] == pytest.approx(
-      np.mean(after < before))
-  assert (summary["fraction_clients_improved_accuracy"] +
-          summary["fraction_clients_worse_accuracy"]) == pytest.approx(20 / 23)
-  assert summary["fraction_clients_improved_loss"] == pytest.approx(
-      np.mean(loss_after < loss_before))
-  assert summary["num_clients_evaluated"] == num_clients
-  assert summary["num_clients_skipped_no_test_examples"] == 2
-  assert "global_loss_p10" not in summary
-
-
 def test_invalid_arguments(deterministic_model):
   build = personalization.build_personalization_evaluator
   with pytest.raises(ValueError, match="num_epochs"):
@@ -304,3 +259,34 @@ def test_fine_tuning_helps_on_heterogeneous_synthetic_data():
   assert (summary["personalized_accuracy_median"] >
           summary["global_accuracy_median"])
   assert summary["fraction_clients_improved_accuracy"] >= 0.7
+
+
+def test_runner_evaluates_a_fixed_subset_and_describe_lists_each_client(
+    deterministic_model):
+  """build_runner: the config block's subset (the same every call) and
+  settings; describe: the summary plus per-client values."""
+  train, test = _stores()
+  dataset = FederatedDataset("tiny", train, test, num_classes=3,
+                             input_shape=(8,))
+  config = ml_collections.ConfigDict({"seed": 3, "personalization": {
+      "learning_rate": 0.1, "num_epochs": 1, "batch_size": 4,
+      "max_clients": 4, "eval_batch_size": 3, "clients_per_chunk": 2,
+      "every": 5}})
+  runner = personalization.build_runner(config, deterministic_model, dataset)
+  assert runner.every == 5
+  params = deterministic_model.init(jax.random.key(1))
+  first, again = runner(params), runner(params)
+  np.testing.assert_array_equal(first.client_ids, again.client_ids)
+  assert first.num_clients + first.num_skipped_no_test_examples == 4
+  direct = personalization.build_personalization_evaluator(
+      deterministic_model, optax.sgd(0.1), num_epochs=1, batch_size=4,
+      eval_batch_size=3, clients_per_chunk=2, shuffle_seed=3)(
+          params, train, test, first.client_indices,
+          rng=jax.random.fold_in(jax.random.key(3), 0x9E25))
+  _assert_same_per_client(first, direct)
+
+  described = personalization.describe(first)
+  assert described["client_ids"] == [str(c) for c in first.client_ids]
+  assert described["personalized_accuracy_per_client"] == list(
+      first.personalized_accuracy)
+  assert described["num_clients_evaluated"] == first.num_clients

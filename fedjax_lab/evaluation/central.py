@@ -1,4 +1,9 @@
-"""Exact, padding-proof evaluation of a model over pre-batched examples."""
+"""Central evaluation: one model over pre-batched examples, exactly.
+
+:func:`build_evaluator` scores the global model on the test (or train)
+examples of every client pooled, padding-proof: the number the runner records
+as ``eval_<metric>`` each evaluation round.
+"""
 
 from __future__ import annotations
 

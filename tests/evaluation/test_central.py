@@ -6,7 +6,7 @@ import pytest
 
 from fedjax_lab.data.cohort import make_eval_batches
 from fedjax_lab.data.federated import ClientStore
-from fedjax_lab.engine.evaluate import build_evaluator
+from fedjax_lab.evaluation.central import build_evaluator
 
 from tests.engine.conftest import make_clients
 

@@ -1,18 +1,21 @@
-"""The one-shot canary audit end to end."""
+"""The one-shot canary audit end to end (fedjax_lab.audit.one_shot)."""
 
 import dataclasses
 import json
 import math
 
+import numpy as np
 import optax
 import pytest
 
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.privacy import audit
+from fedjax_lab.audit import one_shot
 from fedjax_lab.privacy import empirical_epsilon as epsilon_lib
+from fedjax_lab.training import loop
+from fedjax_lab.training import privacy_run
 from fedjax_lab.training import setup
 
-from tests.privacy.test_canaries import noisy_sum, small_config
+from tests.audit.test_canaries import noisy_sum, small_config
 
 
 def inserted_mean(report):
@@ -34,10 +37,10 @@ def test_end_to_end_audit_detects_canaries_without_noise(tmp_path):
   for name, noise in (("clean", 0.0), ("noisy", 20.0)):
     experiment = _with_aggregator(setup.build_experiment(small_config()),
                                   clip, noise)
-    report = audit.run_audit(experiment, str(tmp_path / name),
+    report = one_shot.run_audit(experiment, str(tmp_path / name),
                              num_canaries=30, num_held_out=200, seed=1,
                              delta=delta, clip_norm=clip)
-    on_disk = json.loads((tmp_path / name / audit.AUDIT_FILE).read_text())
+    on_disk = json.loads((tmp_path / name / one_shot.AUDIT_FILE).read_text())
     assert on_disk == report
     results[name] = report
   clean, noisy = results["clean"], results["noisy"]
@@ -70,3 +73,29 @@ def test_end_to_end_audit_detects_canaries_without_noise(tmp_path):
   assert (clean["empirical_epsilon_mean_shift"] >
           4 * noisy["empirical_epsilon_mean_shift"])
 
+
+
+def test_run_sampler_replays_a_dp_runs_secret_cohorts(tmp_path):
+  """A non-private run's sampler is the experiment's; a DP run's is keyed by
+  the secret seed in its checkpoint (not the public config.seed), and a DP
+  workdir without a checkpoint is refused."""
+  public = setup.build_experiment(small_config(num_rounds=2))
+  assert one_shot.run_sampler(public, str(tmp_path / "none")) is (
+      public.sampler)
+
+  config = small_config(num_rounds=3)
+  config.weighting = "uniform"
+  config.privacy.update({"mechanism": "gaussian", "clip_norm": 0.3,
+                         "noise_multiplier": 1.0})
+  private = setup.build_experiment(config)
+  with pytest.raises(privacy_run.MissingSecretError, match="noise seed"):
+    one_shot.run_sampler(private, str(tmp_path / "empty"))
+  workdir = str(tmp_path / "dp")
+  loop.run_experiment(private, workdir, show_progress=False)
+  replayed = one_shot.run_sampler(private, workdir)
+  again = one_shot.run_sampler(private, workdir)
+  cohorts = [np.asarray(replayed.sample(r)) for r in range(3)]
+  for r, cohort in enumerate(cohorts):
+    np.testing.assert_array_equal(cohort, again.sample(r))
+  assert any(not np.array_equal(cohort, private.sampler.sample(r))
+             for r, cohort in enumerate(cohorts))
