@@ -5,7 +5,8 @@ dp_mnist.py with the noise multiplier calibrated before training to meet
 members land on the epsilons asked for; evaluation only at the end (sweeps
 read the final accuracy). Sweep it with
 
-  python -m experiments.dp_tradeoff --config=configs/dp_mnist_sweep.py \
+  python -m experiments.studies.dp_tradeoff \
+      --config=configs/dp_mnist_sweep.py \
       --target_epsilons=0.5,1,2,4,8 --seeds=0,1,2
 
 or override one member: ``--config.privacy.target_epsilon=2``. Any other key

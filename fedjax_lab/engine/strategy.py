@@ -8,12 +8,15 @@ Two independent choices (see docs/ARCHITECTURE.md and the benchmark):
   time, chunks in sequence).
 * ``step_loop``: ``"scan"`` (``lax.scan`` over local steps), ``"unroll"``
   (steps unrolled into the compiled round; compile time grows with steps, so
-  rounds with more than ``max_unroll_steps`` padded steps use scan),
+  rounds with more than ``max_unroll_steps`` padded steps use scan:
+  :func:`effective_step_loop` / :func:`effective_label` say what a round of a
+  given padded length really runs, for honest logs and summaries),
   ``"host"`` (a Python loop calling a jitted, vmapped step; the round is then
   three compiled functions instead of one; only with ``vmap``).
 
-Defaults per backend and model family come from ``experiments/bench.py``
-runs recorded in ``experiments/results/``. On XLA:CPU a convolution inside
+Defaults per backend and model family come from
+``python -m experiments.bench.strategies`` runs recorded in
+``experiments/results/``. On XLA:CPU a convolution inside
 ``lax.scan`` runs many times slower than unrolled (jax issue #12868), so conv
 models default to unrolled steps there.
 """
@@ -61,13 +64,50 @@ class Strategy:
 
   @property
   def label(self) -> str:
-    if self.client_parallel == "chunked":
-      return f"chunked{self.chunk_size}+{self.step_loop}"
-    return f"{self.client_parallel}+{self.step_loop}"
+    """The requested strategy, e.g. ``"chunked8+scan"`` (what was asked
+    for; see :func:`effective_label` for what a round runs)."""
+    return _label(self.client_parallel, self.chunk_size, self.step_loop)
 
 
-# (backend, model family) -> strategy measured fastest by experiments/bench.py
-# (experiments/results/bench_cpu.md: W1 CNN, W2 logistic, W3 char-LSTM).
+def _label(client_parallel: str, chunk_size: int, step_loop: str) -> str:
+  if client_parallel == "chunked":
+    return f"chunked{chunk_size}+{step_loop}"
+  return f"{client_parallel}+{step_loop}"
+
+
+def effective_step_loop(strategy: Strategy, num_steps: int) -> str:
+  """The step loop a round padded to ``num_steps`` local steps really runs.
+
+  ``"unroll"`` becomes ``"scan"`` when ``num_steps > max_unroll_steps`` (the
+  compiled round's fallback, since unrolled compile time grows with the
+  steps); ``"scan"`` and ``"host"`` are always honoured. Pure: the round
+  that compiles the step loop and the reports that describe it both ask
+  this, so the two cannot disagree.
+
+  Args:
+    strategy: the requested strategy.
+    num_steps: the round's padded number of local steps (the cohort's step
+      axis, ``local_steps_padded`` in the metrics).
+  """
+  if num_steps < 0:
+    raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+  if strategy.step_loop == "unroll" and num_steps > strategy.max_unroll_steps:
+    return "scan"
+  return strategy.step_loop
+
+
+def effective_label(strategy: Strategy, num_steps: int) -> str:
+  """:attr:`Strategy.label` with the step loop a round padded to
+  ``num_steps`` steps really runs (see :func:`effective_step_loop`); e.g.
+  ``"map+scan"`` for a requested ``"map+unroll"`` past ``max_unroll_steps``.
+  """
+  return _label(strategy.client_parallel, strategy.chunk_size,
+                effective_step_loop(strategy, num_steps))
+
+
+# (backend, model family) -> strategy measured fastest by
+# experiments.bench.strategies (experiments/results/bench_cpu.md: W1 CNN,
+# W2 logistic, W3 char-LSTM).
 _DEFAULTS = {
     ("cpu", "conv"): Strategy("map", "unroll"),
     ("cpu", "dense"): Strategy("chunked", "scan", chunk_size=5),

@@ -5,7 +5,8 @@ leaves in tree order; loading needs a template with the same structure (e.g.
 a freshly initialised state). Writes go to a temporary file that is synced
 and renamed into place, so an interrupted or failed write (a crash, a full
 disk) never leaves a truncated file where a good one was. The run's resumable
-checkpoints are orbax directories instead (:mod:`fedjax_lab.training.workdir`).
+checkpoints are orbax directories instead
+(:mod:`fedjax_lab.training.run_checkpoints`).
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
-"""A run's workdir: its lock, its checkpoints, and opening, resuming or
-setting aside the run there.
+"""A run's workdir: its layout, its lock, the config checks of a resume, and
+opening, resuming or setting aside the run there.
 
 Layout: ``.lock`` (held by the live run), ``config.json``, ``versions.json``,
 ``metrics.jsonl`` (+ the other sinks, :mod:`fedjax_lab.training.sinks`),
 ``checkpoints/<rounds done>/`` (orbax), and once finished ``summary.json`` and
 ``final_state.npz`` (:mod:`fedjax_lab.training.state_files`).
 
-A checkpoint holds everything the next round depends on: the server state
-(model, server optimizer, aggregator state such as an adaptive clip norm,
-algorithm statistics such as SCAFFOLD's c or adaptive FedProx's mu, DP-FTRL's
-tree state), every client's persistent state (SCAFFOLD control variates,
-error-feedback residuals), and a small JSON record (rounds done, the last
-evaluation, the privacy ledger, the config it belongs to). Nothing else is
-needed: the cohort of round ``t``, its batches and every random key are pure
-functions of ``(seed, t)``, so a resumed run repeats exactly the rounds it
-would have run. Orbax writes a step to a temporary folder and renames it when
-complete; the newest ``max_to_keep`` are kept. Restoring tries the newest
-first and falls back to older ones when a step cannot be read.
+What a checkpoint holds, and how it is written and restored, is
+:mod:`fedjax_lab.training.run_checkpoints` (:class:`RunCheckpoints`, used
+here and re-exported for the callers that reach it through this module).
 
 What cannot corrupt a workdir:
 
@@ -37,23 +29,24 @@ What cannot corrupt a workdir:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import json
 import math
 import os
 import sys
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
-from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.privacy import accounting
 from fedjax_lab.training import metrics_io
-from fedjax_lab.training.state_files import is_prng_key
+from fedjax_lab.training.config_diff import (RESUMABLE_CHANGES,
+                                            added_key_defaults,
+                                            config_differences,
+                                            dotted_value, inactive_blocks)
+from fedjax_lab.training.run_checkpoints import RunCheckpoints
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
@@ -62,11 +55,6 @@ VERSIONS_FILE = "versions.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
-# Config keys a resumed run may change: they do not alter what a round
-# computes (how long to run, how often to evaluate or save, where to log).
-RESUMABLE_CHANGES = frozenset({
-    "num_rounds", "max_seconds", "eval_every", "checkpoint_every",
-    "checkpoints_to_keep", "metrics_sinks", "wandb_project"})
 
 
 class ResumeError(ValueError):
@@ -175,154 +163,6 @@ def _converted(error: OSError, workdir: str) -> OSError | WorkdirError:
 # ------------------------------------------------------------ checkpoints
 
 
-def _to_storable(tree: PyTree) -> PyTree:
-  """Host numpy leaves; typed PRNG keys become their raw key data."""
-  return jax.tree.map(
-      lambda leaf: np.asarray(jax.random.key_data(leaf) if is_prng_key(leaf)
-                              else leaf), jax.device_get(tree))
-
-
-def _from_storable(stored: PyTree, like: PyTree) -> PyTree:
-  def back(value, template):
-    if is_prng_key(template):
-      return jax.random.wrap_key_data(np.asarray(value),
-                                      impl=jax.random.key_impl(template))
-    if isinstance(template, np.ndarray):
-      return np.asarray(value, template.dtype)
-    return jnp.asarray(value, jnp.asarray(template).dtype)
-  return jax.tree.map(back, stored, like)
-
-
-_ERRNO_BY_MESSAGE = (("No space left", errno.ENOSPC),
-                     ("Disk quota exceeded", errno.EDQUOT),
-                     ("Read-only file system", errno.EROFS),
-                     ("Permission denied", errno.EACCES))
-
-
-def _as_os_error(error: Exception, path: str) -> Exception:
-  """Orbax/tensorstore report filesystem errors as other types; those become
-  the ``OSError`` they stand for (others are returned as they are)."""
-  if isinstance(error, OSError):
-    return error
-  for text, number in _ERRNO_BY_MESSAGE:
-    if text in str(error):
-      return OSError(number, os.strerror(number), path)
-  return error
-
-
-@dataclasses.dataclass
-class RunCheckpoints:
-  """The checkpoints of one run (``workdir/checkpoints``), newest kept.
-
-  Attributes:
-    directory: where the steps are written (one folder per rounds-done).
-    max_to_keep: how many of the newest checkpoints survive.
-    config: the run's config; every saved record carries it (``"config"``)
-      so that a resume can be checked against it.
-  """
-
-  directory: str
-  max_to_keep: int = 3
-  config: Mapping[str, Any] | None = None
-
-  def __post_init__(self):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    self._ocp = ocp
-    self.directory = os.path.abspath(self.directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max(self.max_to_keep, 1), create=True,
-            enable_async_checkpointing=False))
-
-  def steps(self) -> list[int]:
-    """Rounds-done values of the complete checkpoints, oldest first."""
-    return sorted(self._manager.all_steps())
-
-  def save(self, rounds_done: int, state: PyTree, record: dict[str, Any]
-           ) -> None:
-    """Writes the state after ``rounds_done`` rounds (synchronously); a
-    checkpoint of that round already on disk is left as it is. A failed
-    write (e.g. a full disk, raised as ``OSError``) leaves the earlier
-    checkpoints as they were."""
-    ocp = self._ocp
-    if rounds_done in self._manager.all_steps():
-      return
-    if self.config is not None and "config" not in record:
-      record = {**record, "config": self.config}
-    try:
-      self._manager.save(rounds_done, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_to_storable(state)),
-          record=ocp.args.JsonSave(record)), force=True)
-      self._manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      converted = _as_os_error(e, os.path.join(self.directory,
-                                               str(rounds_done)))
-      if converted is e:
-        raise
-      raise converted from e
-
-  def restore_latest(self, like: PyTree,
-                     warn: Callable[[str], None] = logging.warning,
-                     max_step: int | None = None
-                     ) -> tuple[int, PyTree, dict[str, Any]] | None:
-    """``(rounds_done, state, record)`` of the newest readable checkpoint
-    (at most ``max_step`` rounds, when given).
-
-    ``like`` is a state with the run's structure (e.g. freshly initialised).
-    A checkpoint that fails to load is reported through ``warn``, moved to
-    ``unreadable-<step>-<n>`` and the previous one is tried; ``None`` when
-    there is none.
-    """
-    ocp = self._ocp
-    template = _to_storable(like)
-    for step in reversed(self.steps()):
-      if max_step is not None and step > max_step:
-        continue
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(template),
-            record=ocp.args.JsonRestore()))
-        state = _from_storable(restored.state, like)
-      except Exception as e:  # pylint: disable=broad-except
-        kept = self._set_aside(step)
-        warn(f"checkpoint {os.path.join(self.directory, str(step))} could "
-             f"not be read ({type(e).__name__}: {str(e)[:200]}); moved it to "
-             f"{kept} and trying the previous one.")
-        continue
-      return step, state, dict(restored.record)
-    return None
-
-  def latest_record(self, max_step: int | None = None
-                    ) -> dict[str, Any] | None:
-    """The JSON record of the newest checkpoint (at most ``max_step``
-    rounds, when given) whose record reads; None when there is none."""
-    ocp = self._ocp
-    for step in reversed(self.steps()):
-      if max_step is not None and step > max_step:
-        continue
-      try:
-        return dict(self._manager.restore(step, args=ocp.args.Composite(
-            record=ocp.args.JsonRestore())).record)
-      except Exception:  # pylint: disable=broad-except
-        continue
-    return None
-
-  def _set_aside(self, step: int) -> str:
-    """Renames an unreadable step out of the way (kept for inspection)."""
-    source = os.path.join(self.directory, str(step))
-    n = 1
-    while os.path.exists(target := os.path.join(
-        self.directory, f"unreadable-{step}-{n}")):
-      n += 1
-    os.replace(source, target)
-    self._manager.reload()
-    return target
-
-  def close(self) -> None:
-    """Closes the checkpoint manager."""
-    self._manager.close()
-
-
 def latest_record(workdir: str) -> dict[str, Any] | None:
   """The JSON record of the newest readable checkpoint in ``workdir``."""
   checkpoints = RunCheckpoints(os.path.join(workdir, CHECKPOINT_DIR))
@@ -333,21 +173,6 @@ def latest_record(workdir: str) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------- config checks
-
-
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
-                       prefix: str = "") -> list[str]:
-  """Dotted keys whose values differ between two config dicts."""
-  keys = sorted(set(saved) | set(current))
-  out = []
-  for key in keys:
-    a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
-    name = f"{prefix}{key}"
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += config_differences(a, b, name + ".")
-    elif a != b:
-      out.append(name)
-  return out
 
 
 def check_resumable(saved: str | Mapping[str, Any],
@@ -370,16 +195,17 @@ def check_resumable(saved: str | Mapping[str, Any],
           f"{source} is not valid JSON ({e}); delete it (the checkpoints "
           "keep the config it held) and re-run, or pass a new --workdir."
       ) from None
-  inactive = _inactive_blocks(saved) & _inactive_blocks(current)
+  inactive = inactive_blocks(saved) & inactive_blocks(current)
   changed = [k for k in config_differences(saved, current)
              if k.split(".", 1)[0] not in inactive]
+  changed = added_key_defaults(saved, current, changed)
   allowed = set(RESUMABLE_CHANGES)
   if current.get("privacy", {}).get("calibrate"):
     allowed.discard("num_rounds")
   blocking = [k for k in changed if k not in allowed]
   if blocking:
     shown = ", ".join(
-        f"{k}: {_lookup(saved, k)!r} -> {_lookup(current, k)!r}"
+        f"{k}: {dotted_value(saved, k)!r} -> {dotted_value(current, k)!r}"
         for k in blocking[:6])
     where = (f"the run in {os.path.dirname(source)}"
              if os.path.basename(source or "") == CONFIG_FILE else
@@ -389,32 +215,6 @@ def check_resumable(saved: str | Mapping[str, Any],
         f"{', ...' if len(blocking) > 6 else ''}). "
         "Resume it with its own config, or pass a new --workdir. Keys a "
         f"resumed run may change: {', '.join(sorted(allowed))}.")
-
-
-# Config blocks that only matter for one algorithm.
-_ALGORITHM_BLOCKS = ("fedprox", "scaffold", "mime", "reptile",
-                     "agnostic_fedavg", "hypcluster")
-
-
-def _inactive_blocks(config: Mapping[str, Any]) -> set[str]:
-  """Blocks that cannot affect the run: other algorithms' blocks, and the
-  compression / personalization blocks while switched off. Their defaults
-  may change between versions without blocking a resume."""
-  inactive = {b for b in _ALGORITHM_BLOCKS if b != config.get("algorithm")}
-  if config.get("compression", {}).get("method", "none") == "none":
-    inactive.add("compression")
-  if not config.get("personalization", {}).get("enabled", False):
-    inactive.add("personalization")
-  return inactive
-
-
-def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
-  value: Any = config
-  for part in dotted.split("."):
-    if not isinstance(value, dict) or part not in value:
-      return "<missing>"
-    value = value[part]
-  return value
 
 
 # --------------------------------------------------- opening / resuming

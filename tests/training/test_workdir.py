@@ -1,7 +1,12 @@
 """The workdir: its lock, damaged metrics, unusable directories (a file, read
-only), and the single ``error:`` line the CLI prints for them."""
+only), the single ``error:`` line the CLI prints for them, and resuming
+there: a finished run left alone, changed configs refused (also with
+``config.json`` deleted), switched-off blocks allowed to change, an
+unfinished run without a checkpoint set aside, a torn checkpointed round
+written again."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +16,9 @@ import pytest
 
 from fedjax_lab.training import loop, metrics_io, setup
 from fedjax_lab.training import workdir as workdir_lib
+from tests.training.conftest import (crashed_run, csv_table, fix_secret,
+                                     resume_config, run_records,
+                                     tensorboard_points)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -186,3 +194,101 @@ def test_checkpoint_record_carries_the_config(experiment, tmp_path):
   with open(os.path.join(workdir, "config.json")) as f:
     import json  # pylint: disable=g-import-not-at-top
     assert record["config"] == json.load(f)
+
+
+def test_finished_run_is_not_rerun(uninterrupted):
+  whole, _ = uninterrupted
+  with pytest.raises(FileExistsError, match="finished run"):
+    loop.run_experiment(setup.build_experiment(resume_config()), whole,
+                        show_progress=False)
+
+
+def test_changed_config_is_refused(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  crashed_run(workdir, monkeypatch, 5)
+  config = resume_config()
+  config.client.learning_rate = 0.5
+  with pytest.raises(workdir_lib.ResumeError, match="client.learning_rate"):
+    loop.run_experiment(setup.build_experiment(config), workdir,
+                        show_progress=False)
+  config = resume_config(rounds=10)  # running longer is allowed
+  summary = loop.run_experiment(setup.build_experiment(config), workdir,
+                                show_progress=False)
+  assert summary["rounds"] == 10 and summary["resumed_from_round"] == 3
+
+
+def test_unfinished_run_without_checkpoint_starts_over_and_keeps_files(
+    uninterrupted, tmp_path, monkeypatch):
+  whole, _ = uninterrupted
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text('{"round": 1}\n')
+  fix_secret(monkeypatch)
+  loop.run_experiment(setup.build_experiment(resume_config()), str(workdir),
+                      show_progress=False)
+  assert (workdir / "unfinished-1" / "metrics.jsonl").read_text() == (
+      '{"round": 1}\n')
+  assert run_records(str(workdir)) == run_records(whole)
+
+
+def test_switched_off_blocks_may_change_between_versions(tmp_path):
+  saved = {"algorithm": "fedavg", "num_rounds": 5,
+           "client": {"learning_rate": 0.1},
+           "personalization": {"enabled": False, "clients_per_chunk": 64},
+           "scaffold": {"option": "II"}}
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(saved))
+  newer = json.loads(json.dumps(saved))
+  newer["personalization"]["clients_per_chunk"] = 16  # a changed default
+  newer["personalization"]["eval_batch_size"] = 32  # a new key
+  newer["scaffold"]["option"] = "I"  # another algorithm's block
+  newer["num_rounds"] = 9
+  workdir_lib.check_resumable(str(path), newer)  # nothing that acts changed
+  newer["personalization"]["enabled"] = True
+  with pytest.raises(workdir_lib.ResumeError, match="personalization.enabled"):
+    workdir_lib.check_resumable(str(path), newer)
+  newer = json.loads(json.dumps(saved))
+  newer["client"]["learning_rate"] = 0.2
+  with pytest.raises(workdir_lib.ResumeError,
+                     match=r"client.learning_rate: 0.1 -> 0.2"):
+    workdir_lib.check_resumable(str(path), newer)
+
+
+def test_torn_last_line_of_the_checkpointed_round_is_written_again(
+    uninterrupted, tmp_path, monkeypatch):
+  whole, _ = uninterrupted
+  workdir = str(tmp_path / "run")
+  crashed_run(workdir, monkeypatch, 7)  # rounds 1-6; checkpoints 3 and 6
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path, "r+b") as f:  # tear round 6's line (the checkpoint's)
+    f.truncate(os.path.getsize(path) - 25)
+  summary = loop.run_experiment(setup.build_experiment(resume_config()),
+                                workdir, show_progress=False)
+  # Round 6 is not in metrics.jsonl any more: resume from round 3, so that
+  # every sink holds rounds 1-3 and the run writes rounds 4-8 again.
+  assert summary["resumed_from_round"] == 3
+  assert run_records(workdir) == run_records(whole)
+  assert csv_table(workdir) == csv_table(whole)
+  assert tensorboard_points(workdir) == tensorboard_points(whole)
+
+
+def test_deleted_config_json_does_not_let_a_changed_config_through(
+    uninterrupted, tmp_path, monkeypatch):
+  whole, _ = uninterrupted
+  workdir = tmp_path / "run"
+  crashed_run(str(workdir), monkeypatch, 5)
+  (workdir / "config.json").unlink()
+  before = sorted(os.listdir(workdir / workdir_lib.CHECKPOINT_DIR))
+  config = resume_config()
+  config.client.learning_rate = 0.5
+  with pytest.raises(workdir_lib.ResumeError,
+                     match=r"checkpoint.*client.learning_rate"):
+    loop.run_experiment(setup.build_experiment(config), str(workdir),
+                        show_progress=False)
+  assert sorted(os.listdir(workdir / workdir_lib.CHECKPOINT_DIR)) == before
+  assert not (workdir / "config.json").exists()
+  loop.run_experiment(setup.build_experiment(resume_config()), str(workdir),
+                      show_progress=False)
+  assert run_records(str(workdir)) == run_records(whole)
+  with open(workdir / "config.json") as f:  # written again
+    assert f.read() == open(os.path.join(whole, "config.json")).read()

@@ -105,6 +105,24 @@ def test_run_stops_cleanly_at_the_budget_with_state_and_summary(tmp_path):
   assert rounds_done == 3 and int(state[0].round) == 3
 
 
+def test_a_run_stopped_by_its_budget_resumes_without_a_round_more(tmp_path):
+  spec = accounting.AccountingSpec(noise_multiplier=1.0, sampling="poisson",
+                                   population=30, sampling_rate=0.2)
+  target = (accounting.epsilon(spec, 3, 1e-3) +
+            accounting.epsilon(spec, 4, 1e-3)) / 2  # room for 3 rounds
+  config = _dp_config(target_epsilon=target, noise_seed=5)
+  first, _ = _run(config, tmp_path)
+  assert first["rounds"] == 3
+  # A crash after the final checkpoint but before the summary was written.
+  os.remove(tmp_path / loop.SUMMARY_FILE)
+  os.remove(tmp_path / loop.FINAL_STATE_FILE)
+  summary, records = _run(config, tmp_path)
+  assert summary["rounds"] == 3 and len(records) == 3
+  assert summary["epsilon"] <= target
+  assert "privacy budget" in summary["stopped_early"]
+  assert summary["final_eval_accuracy"] == first["final_eval_accuracy"]
+
+
 def test_budget_too_small_for_one_round_trains_nothing(tmp_path):
   summary, records = _run(_dp_config(target_epsilon=1e-4), tmp_path)
   assert summary["rounds"] == 0 and records == []

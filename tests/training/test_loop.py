@@ -1,14 +1,20 @@
-"""End-to-end: configs, the round loop, the runner's on-disk contract."""
+"""End-to-end: configs, the round loop, the runner's on-disk contract, and
+exact resume after a crash, SIGKILL, SIGTERM or a full disk."""
 
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from fedjax_lab.training import loop, metrics_io, setup
+from fedjax_lab.training import workdir as workdir_lib
+from tests.training.conftest import (crashed_run, csv_table, fix_secret,
+                                     no_space, resume_config, run_records)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 CONFIGS = sorted(
@@ -192,7 +198,6 @@ def test_adaptive_fedprox_records_mu_and_refuses_dp(tmp_path):
 
 def test_nan_midway_stops_and_keeps_the_last_good_checkpoint(tmp_path,
                                                              monkeypatch):
-  from fedjax_lab.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   config = _load_config("synthetic_logreg_fedavg")
   config.num_rounds, config.checkpoint_every = 8, 2
   config.client.num_epochs = 1
@@ -216,3 +221,128 @@ def test_nan_midway_stops_and_keeps_the_last_good_checkpoint(tmp_path,
   steps = workdir_lib.RunCheckpoints(str(tmp_path / "checkpoints")).steps()
   assert steps == [2, 4]
   assert not (tmp_path / "summary.json").exists()
+
+
+def test_resumed_run_equals_uninterrupted_run(uninterrupted, tmp_path,
+                                              monkeypatch):
+  whole, whole_summary = uninterrupted
+  workdir = str(tmp_path / "run")
+  crashed_run(workdir, monkeypatch, 8)
+  # Checkpoints after rounds 3 and 6; rounds 7 was written after the last.
+  assert [r["round"] for r in run_records(workdir)] == list(range(1, 8))
+  summary = loop.run_experiment(setup.build_experiment(resume_config()),
+                                workdir, show_progress=False)
+  assert summary["resumed_from_round"] == 6
+  assert run_records(workdir) == run_records(whole)
+  assert summary["final_eval_accuracy"] == whole_summary["final_eval_accuracy"]
+  assert summary["epsilon"] == whole_summary["epsilon"]
+  # The CSV holds each round once, in order.
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    rounds = [int(line.split(",")[0]) for line in f.readlines()[1:]]
+  assert rounds == list(range(1, 9))
+
+
+def _launch(workdir, rounds):
+  command = [sys.executable, "-m", "experiments.run",
+             "--config=configs/synthetic_scaffold.py", f"--workdir={workdir}",
+             "--noprogress", f"--config.num_rounds={rounds}",
+             "--config.checkpoint_every=2", "--config.eval_every=2",
+             "--config.client.num_epochs=1"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(workdir, process, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = [p for p in glob.glob(os.path.join(
+        workdir, workdir_lib.CHECKPOINT_DIR, "*"))
+             if os.path.basename(p).isdigit()]  # complete (renamed) steps
+    if steps:
+      return
+    if process.poll() is not None:
+      raise AssertionError("the run ended before writing a checkpoint: " +
+                           process.stderr.read()[-2000:])
+    time.sleep(0.2)
+  raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+  rounds = 400
+  whole = tmp_path / "whole"
+  assert _launch(whole, rounds).wait(timeout=600) == 0
+  killed = tmp_path / "killed"
+  process = _launch(killed, rounds)
+  _wait_for_checkpoint(str(killed), process)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  written = len(run_records(killed))
+  assert written < rounds, "the run finished before it could be killed"
+  resumed = _launch(killed, rounds)
+  out, err = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, err[-2000:]
+  assert json.loads(out.strip().splitlines()[-1])["resumed_from_round"]
+  assert run_records(killed) == run_records(whole)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
+  workdir = tmp_path / "run"
+  process = _launch(workdir, 100000)
+  _wait_for_checkpoint(str(workdir), process)
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 130, err[-2000:]
+  assert "SIGTERM received" in err and "re-run the same command" in err
+  records = run_records(workdir)
+  steps = workdir_lib.RunCheckpoints(
+      str(workdir / workdir_lib.CHECKPOINT_DIR)).steps()
+  assert steps[-1] == records[-1]["round"]  # the last round is checkpointed
+  assert not (workdir / loop.SUMMARY_FILE).exists()
+
+
+def test_full_disk_mid_line_and_at_the_summary_then_resume_exactly(
+    uninterrupted, tmp_path, monkeypatch):
+  whole, whole_summary = uninterrupted
+  workdir = tmp_path / "run"
+  fix_secret(monkeypatch)
+  with pytest.MonkeyPatch.context() as full:
+    original = metrics_io.JsonlWriter.write
+
+    def write(self, record):
+      if record["round"] == 5:  # half the line reaches the disk
+        self._file.write(metrics_io.record_line(record)[:30])
+        self._file.flush()
+        raise no_space(self.path)
+      original(self, record)
+
+    full.setattr(metrics_io.JsonlWriter, "write", write)
+    with pytest.raises(workdir_lib.WorkdirError, match="no space left"):
+      loop.run_experiment(setup.build_experiment(resume_config()), str(workdir),
+                          show_progress=False)
+  assert not (workdir / "metrics.jsonl").read_text().endswith("\n")
+  with pytest.MonkeyPatch.context() as full:
+    original_json = metrics_io.write_json
+
+    def write_json(path, obj):
+      if path.endswith(loop.SUMMARY_FILE):
+        with open(path + ".tmp", "w") as f:
+          f.write("{")
+        raise no_space(path + ".tmp")
+      original_json(path, obj)
+
+    full.setattr(metrics_io, "write_json", write_json)
+    with pytest.raises(workdir_lib.WorkdirError, match="no space left"):
+      loop.run_experiment(setup.build_experiment(resume_config()), str(workdir),
+                          show_progress=False)
+  assert not (workdir / loop.SUMMARY_FILE).exists()
+  assert (workdir / loop.FINAL_STATE_FILE).exists()
+  # Every round was written.
+  assert run_records(str(workdir)) == run_records(whole)
+  summary = loop.run_experiment(setup.build_experiment(resume_config()),
+                                str(workdir), show_progress=False)
+  assert summary["resumed_from_round"] == 8
+  assert summary["final_eval_accuracy"] == whole_summary["final_eval_accuracy"]
+  assert run_records(str(workdir)) == run_records(whole)
+  assert csv_table(str(workdir)) == csv_table(whole)
