@@ -117,6 +117,13 @@ def _hypcluster(w: Workload, model):
           clusters)), None
 
 
+def _compressed_fedavg(w, m, compressor):
+  """FedAvg whose aggregation chain compresses every update first."""
+  return base.pair_client_states(fedavg.fedavg(
+      m, _sgd(w), aggregator=base.chain(compression.compress(compressor),
+                                        base.weighted_mean())))
+
+
 VARIANTS: list[AlgorithmVariant] = [
     AlgorithmVariant("fedavg", "baseline", "FedAvg (client SGD, server SGD 1)",
                      _stateless(lambda w, m: fedavg.fedavg(m, _sgd(w)))),
@@ -161,20 +168,17 @@ VARIANTS: list[AlgorithmVariant] = [
                      _hypcluster),
     AlgorithmVariant("fedavg_q8", "algorithm", "FedAvg + 8-bit stochastic "
                      "quantization",
-                     _stateless(lambda w, m: compression.compressed(
-                         fedavg.fedavg(m, _sgd(w)),
-                         compression.stochastic_quantization(8)))),
+                     _stateless(lambda w, m: _compressed_fedavg(
+                         w, m, compression.stochastic_quantization(8)))),
     AlgorithmVariant("fedavg_q2_hadamard", "algorithm", "FedAvg + 2-bit "
                      "quantization after a randomized Hadamard rotation",
-                     _stateless(lambda w, m: compression.compressed(
-                         fedavg.fedavg(m, _sgd(w)),
-                         compression.stochastic_quantization(
+                     _stateless(lambda w, m: _compressed_fedavg(
+                         w, m, compression.stochastic_quantization(
                              2, rotation="hadamard")))),
     AlgorithmVariant("fedavg_topk", "algorithm", "FedAvg + top-1% with "
                      "error feedback (residual per client)",
-                     _stateless(lambda w, m: compression.compressed(
-                         fedavg.fedavg(m, _sgd(w)),
-                         compression.top_k(fraction=0.01)))),
+                     _stateless(lambda w, m: _compressed_fedavg(
+                         w, m, compression.top_k(fraction=0.01)))),
     AlgorithmVariant("fedavg_again", "control", "A/A control: FedAvg timed "
                      "again as a separate variant",
                      _stateless(lambda w, m: fedavg.fedavg(m, _sgd(w)))),

@@ -18,44 +18,43 @@ scalar) the exact size of the encoded message. Compressors:
   Compression Schemes", ICML 2019).
 * :func:`with_error_feedback`: adds the residual memory to any compressor.
 
-:func:`compressed` wraps any :class:`~fedjax_lab.algorithms.base.
-FederatedAlgorithm` so its clients send compressed updates; the round loop is
-unchanged and the compression is vectorised over the cohort with the rest of
-the client computation. The compressor state (e.g. the error-feedback
-residual) is part of the per-client state, so only the sampled clients' rows
+:func:`compress` makes a compressor a link of the aggregation chain
+(:func:`fedjax_lab.algorithms.base.chain`), so it composes with any
+algorithm: the compression is vectorised over the cohort with the rest of
+the client computation, and the compressor state (e.g. the error-feedback
+residual) is per-client aggregation state, so only the sampled clients' rows
 of the host-side store change in a round.
 
-Composition with differential privacy. Compression runs inside
-``client_final``, i.e. before the aggregator's ``client_transform``:
+Composition with differential privacy (``privacy.mechanisms.
+build_aggregator`` builds the chain):
 
-1. the inner algorithm computes the client's delta;
-2. with ``pre_clip_norm`` (set it to the DP clip norm) the delta is clipped to
-   that norm, so the compressor and its error feedback only ever see the
-   clipped update;
-3. the compressor encodes and decodes it (this may lengthen it slightly:
-   stochastic rounding can move every coordinate outwards);
-4. a central DP aggregator (``privacy.aggregators.gaussian_sum``,
-   ``adaptive_clipping``) clips the decoded update again, which is what
-   bounds each client's contribution, and adds the Gaussian noise to the sum
-   on the server as before. The sensitivity and the noise are those of the
-   uncompressed mechanism, so the privacy accounting is unchanged
+1. the algorithm computes the client's delta;
+2. with central DP of fixed clip norm C, a ``clip(C)`` link
+   (:func:`fedjax_lab.privacy.clipping.clip`) clips it first, so the
+   compressor and its error feedback only ever see the clipped update;
+3. the ``compress`` link encodes and decodes it (this may lengthen it
+   slightly: stochastic rounding can move every coordinate outwards);
+4. the DP link (``privacy.aggregators.gaussian_sum``, ``adaptive_clipping``,
+   ``privacy.tree.tree_aggregator``) clips the decoded update again, which is
+   what bounds each client's contribution, and adds the Gaussian noise to
+   the sum on the server as before. The sensitivity and the noise are those
+   of the uncompressed mechanism, so the privacy accounting is unchanged
    (compression is post-processing of the client's own data on the client).
 
 With error feedback the compressed vector is ``clip(delta) + residual``,
-which can be longer than the clip norm; what the aggregator's clip then cuts
+which can be longer than the clip norm; what the DP link's clip then cuts
 is not fed back. With ``adaptive_clipping`` (clip norm changing per round)
-leave ``pre_clip_norm`` unset or use the initial norm.
+there is no fixed pre-clip.
 
 Local DP (``privacy.aggregators.local_gaussian``) does not compose correctly:
 its noise would be added after decoding, i.e. to a message the client never
 sent, and a real client would have to transmit the noised full-precision
 update (the bit count would be wrong) or compress after noising (a different
-mechanism). Do not combine compression with local DP.
+mechanism). The refusal table (``privacy.refusals``) refuses the pair.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
@@ -65,7 +64,6 @@ from jax.flatten_util import ravel_pytree
 
 from fedjax_lab.algorithms import base
 from fedjax_lab.algorithms import hadamard
-from fedjax_lab.algorithms.tree_math import clip_to_norm
 from fedjax_lab.algorithms.tree_math import global_norm
 from fedjax_lab.algorithms.tree_math import num_parameters
 
@@ -307,103 +305,47 @@ def top_k(fraction: float | None = None, k: int | None = None,
   return with_error_feedback(sparsifier) if error_feedback else sparsifier
 
 
-class CompressedCarry(NamedTuple):
-  """Local-training carry of a :func:`compressed` algorithm: the inner carry,
-  the client's compressor state and the key for compressing its update."""
+def compress(compressor: Compressor) -> base.Transform:
+  """A chain link whose clients upload ``compressor``-compressed deltas.
 
-  inner: PyTree
-  compressor_state: PyTree
-  rng: jax.Array
+  Compression as a link of the aggregation chain (Konečný et al. 2016,
+  "Federated Learning: Strategies for Improving Communication Efficiency";
+  Suresh et al. 2017), so it composes with any algorithm and aggregator:
+  ``chain(clip(C), compress(top_k(fraction=0.01)), gaussian_sum(...))``.
+  Each client's delta is replaced by the decoded compressed delta; weights
+  pass through; ``finalize`` passes the sum through.
 
+  Per-client state: the compressor's (e.g. the error-feedback residual of
+  Stich et al. 2018 / Karimireddy et al. 2019), kept by the engine next to
+  the algorithm's per-client state; only the round's real clients' rows
+  change. The compressor's key is ``fold_in(public_key, tag)`` of the
+  client's training key (the server shares it, e.g. for the Hadamard signs),
+  so a client's result does not depend on its position in the cohort.
 
-def delta_template(algorithm: base.FederatedAlgorithm,
-                   params: PyTree) -> PyTree:
-  """Shapes and dtypes of ``algorithm``'s ``ClientUpdate.delta`` (no compute).
-
-  Traces one client's init and final step abstractly, so it works for any
-  delta structure (FedAvg's parameter-shaped delta, SCAFFOLD's pair).
-  """
-
-  def one_client_delta():
-    broadcast = algorithm.broadcast(algorithm.server_init(params))
-    carry = algorithm.client_init(
-        broadcast, algorithm.client_state_init(params), jax.random.key(0))
-    return algorithm.client_final(broadcast, carry,
-                                  jnp.ones([], jnp.float32)).delta
-
-  return jax.eval_shape(one_client_delta)
-
-
-def compressed(algorithm: base.FederatedAlgorithm, compressor: Compressor,
-               pre_clip_norm: float | None = None) -> base.FederatedAlgorithm:
-  """``algorithm`` whose clients upload ``compressor``-compressed deltas.
-
-  Server side (init, broadcast, aggregator, server update) and local training
-  are the inner algorithm's. ``client_final`` takes the inner update, clips
-  its delta to ``pre_clip_norm`` (if given) and replaces it by the decoded
-  compressed delta; see the module docstring for DP composition.
-
-  The per-client state is the pair ``(inner_state, compressor_state)``. The
-  compressor's key is ``fold_in(client_rng, tag)`` of the client's round key,
-  kept in the carry from ``client_init``; a client's result therefore does not
-  depend on its position in the cohort.
-
-  Adds per-client metrics (averaged over the round's real clients):
+  Per-client metrics (averaged over the round's real clients):
   ``bits_uploaded`` (bits of the message), ``compression_error_norm``
-  (``||decoded - delta||``, ``delta`` after pre-clipping) and
+  (``||decoded - delta||``, ``delta`` as this link receives it) and
   ``compression_relative_error`` (that over ``||delta||``, 0 for a zero
   delta).
-
-  Args:
-    algorithm: any engine algorithm.
-    compressor: the update compressor.
-    pre_clip_norm: L2 norm the delta is clipped to before compression (the DP
-      clip norm when a central DP aggregator is used); ``None``: no clipping.
-
-  Returns:
-    The algorithm, named ``"<inner>+<compressor>"``, e.g. ``"fedavg+q8"``.
-
-  Raises:
-    ValueError: ``pre_clip_norm`` is not positive.
   """
-  if pre_clip_norm is not None and not pre_clip_norm > 0:
-    raise ValueError(f"pre_clip_norm must be > 0, got {pre_clip_norm}.")
 
-  def client_state_init(params):
-    return (algorithm.client_state_init(params),
-            compressor.init(delta_template(algorithm, params)))
-
-  def client_init(broadcast, client_state, rng):
-    inner_state, compressor_state = client_state
-    return CompressedCarry(
-        algorithm.client_init(broadcast, inner_state, rng), compressor_state,
-        jax.random.fold_in(rng, _COMPRESSION_RNG_TAG))
-
-  def client_step(carry, batch, example_mask):
-    return carry._replace(
-        inner=algorithm.client_step(carry.inner, batch, example_mask))
-
-  def client_final(broadcast, carry, num_examples):
-    update = algorithm.client_final(broadcast, carry.inner, num_examples)
-    delta = update.delta
-    if pre_clip_norm is not None:
-      delta, _ = clip_to_norm(delta, pre_clip_norm)
-    decoded, compressor_state, bits = compressor.compress(
-        delta, carry.compressor_state, carry.rng)
+  def client_transform(delta, weight, state, client_state, keys):
+    del state
+    rng = jax.random.fold_in(keys.public, _COMPRESSION_RNG_TAG)
+    decoded, client_state, bits = compressor.compress(delta, client_state,
+                                                      rng)
     error_norm = global_norm(jax.tree.map(jnp.subtract, decoded, delta))
     delta_norm = global_norm(delta)
-    one = jnp.ones([], jnp.float32)
-    metrics = dict(update.metrics)
-    metrics["bits_uploaded"] = (bits, one)
-    metrics["compression_error_norm"] = (error_norm, one)
-    metrics["compression_relative_error"] = (
-        jnp.where(delta_norm > 0, error_norm / jnp.maximum(delta_norm, 1e-30),
-                  0.0), one)
-    return base.ClientUpdate(
-        delta=decoded, weight=update.weight,
-        client_state=(update.client_state, compressor_state), metrics=metrics)
+    metrics = {
+        "bits_uploaded": bits,
+        "compression_error_norm": error_norm,
+        "compression_relative_error": jnp.where(
+            delta_norm > 0, error_norm / jnp.maximum(delta_norm, 1e-30), 0.0)}
+    return decoded, weight, client_state, metrics
 
-  return dataclasses.replace(
-      algorithm, name=f"{algorithm.name}+{compressor.name}",
-      client_state_init=client_state_init, client_init=client_init,
-      client_step=client_step, client_final=client_final)
+  def finalize(value, total_weight, num_clients, state, rng):
+    del total_weight, num_clients, rng
+    return value, state, {}
+
+  return base.Transform(init=lambda: (), client_transform=client_transform,
+                        finalize=finalize, client_init=compressor.init)

@@ -13,6 +13,9 @@ training setup needs no per-algorithm code:
   with at all (SCAFFOLD's plain-SGD local steps).
 * ``refuses`` (mechanism -> reason) and ``refuse(context, mechanism) ->
   reason | None``: the privacy mechanisms it cannot be run under, and why.
+  They are the algorithm's rows of the refusal table
+  (:mod:`fedjax_lab.privacy.refusals`), which the config's validation
+  consults; the reason text is the algorithm's own.
 * ``client_states_init(context)``: every client's initial state when clients
   do not all start alike (agnostic FL's domain ids).
 * ``local_schedule(context) -> (num_epochs, max_steps)``: the cohorts' local
@@ -186,7 +189,8 @@ class Recipe:
     return {**defaults, **block}
 
   def refusal(self, context: BuildContext, mechanism: str) -> str | None:
-    """Why it cannot run under ``mechanism`` (naming it), or None."""
+    """Why it cannot run under ``mechanism`` (naming it), or None: the
+    reason text of its rows in ``privacy.refusals.table()``."""
     if mechanism == "none":
       return None
     reason = self.refuses.get(mechanism)

@@ -89,9 +89,9 @@ def _with_cohort_size(aggregator: base.Aggregator,
       num_clients = jnp.asarray(expected_cohort_size, jnp.float32)
     return (aggregate, num_clients), state, metrics
 
-  return base.Aggregator(init=aggregator.init,
-                         client_transform=aggregator.client_transform,
-                         finalize=finalize)
+  # _replace keeps the aggregator's kind (an Aggregator, or a chain's
+  # Transform with its per-client state).
+  return aggregator._replace(finalize=finalize)
 
 
 def scaffold(model: model_base.Model,

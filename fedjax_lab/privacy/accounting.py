@@ -57,6 +57,8 @@ from dp_accounting import pld as dp_pld
 from dp_accounting import rdp as dp_rdp
 import numpy as np
 
+from fedjax_lab.privacy import refusals
+
 MECHANISMS = ("gaussian", "tree", "local")
 SAMPLINGS = ("poisson", "fixed", "shuffle")
 ACCOUNTANTS = ("rdp", "pld")
@@ -132,26 +134,20 @@ class AccountingSpec:
         (self.sampling != "poisson" and not 1 <= m <= n,
          f"{self.sampling} sampling needs 1 <= cohort_size <= population "
          f"({n}), got {m}"),
-        (self.mechanism == "gaussian" and self.sampling == "shuffle",
-         "shuffling's amplification is not accounted for mechanism=gaussian; "
-         "use sampling=poisson (or fixed), or mechanism=tree for DP-FTRL, "
-         "which needs no amplification"),
-        (self.mechanism == "gaussian" and self.sampling == "fixed"
-         and self.accountant == "pld",
-         "dp_accounting's PLD accountant does not support fixed-size sampling "
-         "without replacement; use accountant=rdp or sampling=poisson"),
-        (tree and self.sampling != "shuffle",
-         "mechanism=tree (DP-FTRL) needs sampling=shuffle: its accounting "
-         f"assumes each client at most once per epoch, which {self.sampling} "
-         "sampling does not guarantee"),
-        (tree and self.accountant != "rdp", "mechanism=tree is supported by "
-         "dp_accounting's RDP accountant only; use accountant=rdp"),
-        (tree and self.rounds_per_tree < 0,
-         f"rounds_per_tree must be >= 0, got {self.rounds_per_tree}"),
     ]
     for refused, message in problems:
       if refused:
         raise PrivacyError(message)
+    # Refused mechanism x sampling x accountant combinations: rows of the
+    # refusal table.
+    reason = refusals.first_refusal(refusals.Setting(
+        mechanism=self.mechanism, sampling=self.sampling,
+        accountant=self.accountant), scopes=("accounting",))
+    if reason is not None:
+      raise PrivacyError(reason)
+    if tree and self.rounds_per_tree < 0:
+      raise PrivacyError(
+          f"rounds_per_tree must be >= 0, got {self.rounds_per_tree}")
     if tree and self.rounds_per_epoch % _tree_period(self):
       raise PrivacyError(
           f"rounds_per_tree={self.rounds_per_tree} must divide the "

@@ -113,7 +113,7 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float,
     return aggregate, state, metrics
 
   return base.Aggregator(init=lambda: (), client_transform=client_transform,
-                         finalize=finalize)
+                         finalize=finalize, uniform_weights_only=True)
 
 
 def _noise_metrics(clipped_sum, noise_std, denominator):
@@ -228,7 +228,7 @@ def adaptive_clipping(initial_clip_norm: float, noise_multiplier: float,
     return aggregate, new_clip_norm, metrics
 
   return base.Aggregator(init=init, client_transform=client_transform,
-                         finalize=finalize)
+                         finalize=finalize, uniform_weights_only=True)
 
 
 def local_gaussian(clip_norm: float, noise_multiplier: float
@@ -271,4 +271,4 @@ def local_gaussian(clip_norm: float, noise_multiplier: float
     return aggregate, state, metrics
 
   return base.Aggregator(init=lambda: (), client_transform=client_transform,
-                         finalize=finalize)
+                         finalize=finalize, uniform_weights_only=True)

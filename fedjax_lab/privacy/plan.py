@@ -43,12 +43,13 @@ import dataclasses
 import math
 from typing import Any
 
-import optax
-
 from fedjax_lab.algorithms import base
 from fedjax_lab.privacy import accounting
-from fedjax_lab.privacy import aggregators
-from fedjax_lab.privacy import tree
+from fedjax_lab.privacy import refusals
+from fedjax_lab.privacy import tree_noise
+
+__all__ = ["MECHANISMS", "PrivacyPlan", "build_plan",
+           "check_private_algorithm", "default_delta"]
 
 MECHANISMS = ("none", "gaussian", "adaptive", "tree", "local")
 # Noise levels and targets beyond these make a run meaningless; it warns.
@@ -145,8 +146,8 @@ class PrivacyPlan:
     node_std = self.noise_multiplier * self.clip_norm / (
         self.simulated_cohort_size)
     return {"tree_step": step,
-            "dp_noise_std_on_mean": tree.prefix_noise_std(step, node_std),
-            "dp_noise_std": tree.prefix_noise_std(
+            "dp_noise_std_on_mean": tree_noise.prefix_noise_std(step, node_std),
+            "dp_noise_std": tree_noise.prefix_noise_std(
                 step, node_std * self.simulated_cohort_size)}
 
   def describe(self) -> dict[str, Any]:
@@ -254,15 +255,12 @@ def build_plan(privacy: Any, *, sampling: str, num_clients: int,
     raise accounting.PrivacyError(
         f"privacy.clip_norm must be > 0, got {privacy.clip_norm}.")
   noise_cohort = privacy.get("noise_cohort_size", 0) or 0
-  if noise_cohort and sampling == "shuffle":
-    raise accounting.PrivacyError(
-        "privacy.noise_cohort_size is not supported with sampling='shuffle' "
-        "(DP-FTRL's epochs are defined by the simulated cohort).")
-  if (privacy.get("accounting_population", 0) or 0) and sampling == "shuffle":
-    raise accounting.PrivacyError(
-        "privacy.accounting_population is not supported with "
-        "sampling='shuffle' (DP-FTRL's trees follow the simulated epochs; a "
-        "larger population would put a client in several rounds of a tree).")
+  reason = refusals.first_refusal(refusals.Setting(
+      mechanism=mechanism, sampling=sampling, noise_cohort_size=noise_cohort,
+      accounting_population=privacy.get("accounting_population", 0) or 0),
+      scopes=("plan",))
+  if reason is not None:
+    raise accounting.PrivacyError(reason)
   population, accounted_cohort, rate, simulated = _population_and_cohort(
       privacy, sampling=sampling, num_clients=num_clients,
       cohort_size=cohort_size, sampling_rate=sampling_rate)
@@ -365,59 +363,14 @@ def _warnings(spec: accounting.AccountingSpec, target: float,
 
 def check_private_algorithm(algorithm: base.FederatedAlgorithm) -> None:
   """Refuses an algorithm through which client data would reach the server
-  state outside the DP aggregator (the clipped, noised sum).
-
-  The engine gives the server two such paths: a ``pre_round`` pass whose
-  exact mean the server absorbs (Mime's full-batch gradient) and
-  ``server_update_uses_client_metrics`` (the round's un-noised client
-  metric means, e.g. adaptive FedProx's loss). Neither is accounted.
+  state outside the DP aggregator (the clipped, noised sum): the ``built``
+  rows of :mod:`fedjax_lab.privacy.refusals` (a ``pre_round`` whose exact
+  mean the server absorbs, ``server_update_uses_client_metrics``).
 
   Raises:
     accounting.PrivacyError: naming the path.
   """
-  if algorithm.pre_round is not None:
-    raise accounting.PrivacyError(
-        f"{algorithm.name} absorbs an un-noised pre-round mean of the "
-        "cohort's data into the server state, which no DP mechanism here "
-        "accounts for.")
-  if algorithm.server_update_uses_client_metrics:
-    raise accounting.PrivacyError(
-        f"{algorithm.name}'s server update reads the round's un-noised client "
-        "metrics, which no DP mechanism here accounts for.")
-
-
-def build_aggregator(plan: PrivacyPlan) -> base.Aggregator:
-  """The aggregator implementing ``plan`` inside the compiled round."""
-  noise_cohort = (plan.noise_cohort_size if not math.isclose(
-      plan.noise_cohort_size, plan.simulated_cohort_size) else 0)
-  if plan.mechanism == "gaussian":
-    return aggregators.gaussian_sum(plan.clip_norm, plan.noise_multiplier,
-                                    plan.simulated_cohort_size, noise_cohort)
-  if plan.mechanism == "adaptive":
-    adaptive = plan.settings.get("adaptive", {})
-    return aggregators.adaptive_clipping(
-        plan.clip_norm, plan.noise_multiplier, plan.simulated_cohort_size,
-        target_quantile=adaptive.get("target_quantile", 0.5),
-        clip_learning_rate=adaptive.get("clip_learning_rate", 0.2),
-        clipped_count_stddev=adaptive.get("clipped_count_stddev", 0.0),
-        noise_cohort_size=noise_cohort)
-  if plan.mechanism == "tree":
-    # DP-FTRL: clipped mean plus the increment of the tree's prefix-sum
-    # noise; the server optimizer is plain SGD (with momentum) on it.
-    return tree.tree_aggregator(
-        plan.clip_norm, plan.noise_multiplier, plan.simulated_cohort_size,
-        plan.spec.rounds_per_tree or plan.spec.rounds_per_epoch)
-  if plan.mechanism == "local":
-    return aggregators.local_gaussian(plan.clip_norm, plan.noise_multiplier)
-  raise ValueError(f"no aggregator for mechanism {plan.mechanism!r}")
-
-
-def build_ftrl_server_optimizer(plan: PrivacyPlan, learning_rate: float
-                                ) -> optax.GradientTransformation:
-  """DP-FTRL's server optimizer for ``plan`` (mechanism ``"tree"``): SGD
-  with ``privacy.ftrl.momentum`` (DP-FTRLM) on the noisy increments of the
-  tree's prefix sums that :func:`fedjax_lab.privacy.tree.tree_aggregator`
-  releases; momentum carries over tree restarts, as in Kairouz et al.
-  2021."""
-  momentum = plan.settings.get("ftrl", {}).get("momentum", 0.0)
-  return optax.sgd(learning_rate, momentum=momentum or None)
+  reason = refusals.first_refusal(refusals.Setting(
+      mechanism="gaussian", built_algorithm=algorithm), scopes=("built",))
+  if reason is not None:
+    raise accounting.PrivacyError(reason)

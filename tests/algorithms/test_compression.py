@@ -9,10 +9,11 @@ import optax
 import pytest
 import scipy.linalg
 
-from fedjax_lab.algorithms import compression, fedavg, hadamard, scaffold
+from fedjax_lab.algorithms import base, compression, fedavg, hadamard
+from fedjax_lab.algorithms import scaffold
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.strategy import Strategy
-from fedjax_lab.privacy import aggregators
+from fedjax_lab.privacy import aggregators, clipping
 from fedjax_lab.privacy.clipping import global_norm
 
 from tests.engine.conftest import build_cohort, make_clients
@@ -238,9 +239,8 @@ def test_invalid_arguments():
     compression.top_k(fraction=0.1, k=3)
   with pytest.raises(ValueError, match="fraction"):
     compression.top_k(fraction=1.5)
-  with pytest.raises(ValueError, match="pre_clip_norm"):
-    compression.compressed(fedavg.fedavg(None, optax.sgd(0.1)),
-                           compression.identity(), pre_clip_norm=0.0)
+  with pytest.raises(ValueError, match="clip_norm"):
+    clipping.clip(0.0)
 
 
 # ------------------------------------------------------- through the engine
@@ -263,30 +263,43 @@ def _stacked_states(algorithm, params, population):
                       algorithm.client_state_init(params))
 
 
-def test_names_and_scaffold_delta_template(deterministic_model):
-  avg = fedavg.fedavg(deterministic_model, optax.sgd(0.1))
-  names = [compression.compressed(avg, c).name for c in (
-      compression.stochastic_quantization(8),
-      compression.stochastic_quantization(2, "hadamard"),
-      compression.top_k(fraction=0.01))]
-  assert names == ["fedavg+q8", "fedavg+q2-hadamard", "fedavg+topk0.01-ef"]
+def _compressed(factory, compressor, *links_after, pre_clip_norm=None,
+                **kwargs):
+  """``factory(..., aggregator=chain([clip,] compress, *links_after))`` with
+  paired client states (weighted mean when no link follows)."""
+  links = [compression.compress(compressor)] + list(
+      links_after or [base.weighted_mean()])
+  if pre_clip_norm is not None:
+    links.insert(0, clipping.clip(pre_clip_norm))
+  return base.pair_client_states(factory(aggregator=base.chain(*links),
+                                         **kwargs))
+
+
+def test_delta_template_of_scaffold_is_its_pair(deterministic_model):
   params = deterministic_model.init(jax.random.key(0))
-  alg = compression.compressed(
-      scaffold.scaffold(deterministic_model, 0.1, optax.sgd(1.0),
-                        num_clients=3), compression.top_k(k=2))
-  control, (residual, ()) = alg.client_state_init(params)
+  alg = _compressed(functools.partial(
+      scaffold.scaffold, deterministic_model, 0.1, optax.sgd(1.0),
+      num_clients=3), compression.top_k(k=2))
+  control, ((residual, ()), ()) = alg.client_state_init(params)
   # SCAFFOLD's delta is the (model delta, control delta) pair.
   assert jax.tree.structure(residual) == jax.tree.structure((params, params))
   assert jax.tree.structure(control) == jax.tree.structure(params)
+
+
+def test_names():
+  names = [c.name for c in (compression.stochastic_quantization(8),
+                            compression.stochastic_quantization(2, "hadamard"),
+                            compression.top_k(fraction=0.01))]
+  assert names == ["q8", "q2-hadamard", "topk0.01-ef"]
 
 
 def test_identity_and_32_bit_quantization_match_fedavg(deterministic_model):
   params = deterministic_model.init(jax.random.key(0))
   cohort = build_cohort(make_clients(6, seed=1), [0, 2, 3, 5], batch_size=4,
                         pad_clients=1, extra_steps=1)
-  avg = fedavg.fedavg(deterministic_model, optax.sgd(0.1))
-  ref, _, ref_metrics = _round(avg, params, cohort, jnp.zeros([5]))
-  same, _, metrics = _round(compression.compressed(avg, compression.identity()),
+  avg = functools.partial(fedavg.fedavg, deterministic_model, optax.sgd(0.1))
+  ref, _, ref_metrics = _round(avg(), params, cohort, jnp.zeros([5]))
+  same, _, metrics = _round(_compressed(avg, compression.identity()),
                             params, cohort)
   for a, b in zip(jax.tree.leaves(same.params), jax.tree.leaves(ref.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -295,7 +308,7 @@ def test_identity_and_32_bit_quantization_match_fedavg(deterministic_model):
   assert float(metrics["bits_uploaded"]) == 32 * d  # padded client excluded
   assert float(metrics["compression_error_norm"]) == 0.0
 
-  close, _, metrics = _round(compression.compressed(
+  close, _, metrics = _round(_compressed(
       avg, compression.stochastic_quantization(32)), params, cohort)
   step = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
           zip(jax.tree.leaves(ref.params), jax.tree.leaves(params))]
@@ -308,17 +321,24 @@ def test_identity_and_32_bit_quantization_match_fedavg(deterministic_model):
                                                 for p in leaves)
 
 
-def test_only_sampled_clients_residuals_change(deterministic_model):
+@pytest.mark.parametrize("step_loop", ["scan", "host"])
+def test_only_sampled_clients_residuals_change(deterministic_model,
+                                               step_loop):
+  """Error-feedback residuals are per-client state: they survive rounds, and
+  neither unsampled nor padding clients' rows change."""
   population = 6
   params = deterministic_model.init(jax.random.key(1))
   clients = make_clients(population, seed=3)
-  alg = compression.compressed(
-      fedavg.fedavg(deterministic_model, optax.sgd(0.1)),
-      compression.top_k(fraction=0.1))
+  alg = _compressed(functools.partial(fedavg.fedavg, deterministic_model,
+                                      optax.sgd(0.1)),
+                    compression.top_k(fraction=0.1))
   states = _stacked_states(alg, params, population)
+  assert isinstance(states, base.ClientStates)
   state = alg.server_init(params)
-  for strategy, indices in ((Strategy("vmap", "scan"), [0, 2, 4]),
-                            (Strategy("chunked", "scan", 2), [2, 3])):
+  rounds = ((Strategy("vmap", step_loop), [0, 2, 4]),
+            (Strategy("chunked" if step_loop == "scan" else "vmap",
+                      step_loop, 2), [2, 3]))
+  for strategy, indices in rounds:
     cohort = build_cohort(clients, indices, 4, pad_clients=1)
     gathered = round_lib.gather_client_states(states,
                                               cohort["client_indices"])
@@ -338,20 +358,47 @@ def test_only_sampled_clients_residuals_change(deterministic_model):
     assert touched == (k in (0, 2, 3, 4))
 
 
+def test_residual_carries_into_the_next_round(deterministic_model):
+  """What a client did not send in round 1 is added to its round-2 update:
+  sent_1 + sent_2 + residual_2 == delta_1 + delta_2 (one client)."""
+  params = deterministic_model.init(jax.random.key(4))
+  cohort = build_cohort(make_clients(1, seed=7, min_size=8, max_size=8), [0],
+                        batch_size=4)
+  factory = functools.partial(fedavg.fedavg, deterministic_model,
+                              optax.sgd(0.5))
+  alg = _compressed(factory, compression.top_k(k=3))
+  states = _stacked_states(alg, params, 1)
+  sent_total = jax.tree.map(jnp.zeros_like, params)
+  raw_total = jax.tree.map(jnp.zeros_like, params)
+  state = alg.server_init(params)
+  for _ in range(2):
+    ref, _, _ = _round(factory(), state.params, cohort, jnp.zeros([1]))
+    raw_total = jax.tree.map(lambda t, a, b: t + a - b, raw_total,
+                             ref.params, state.params)
+    start = state.params
+    state, states, _ = _round(alg, params, cohort, states, state=state)
+    sent_total = jax.tree.map(lambda t, a, b: t + a - b, sent_total,
+                              state.params, start)
+  residual = jax.tree.map(lambda a: a[0], states.aggregation[0][0])
+  for s, r, raw in zip(jax.tree.leaves(sent_total), jax.tree.leaves(residual),
+                       jax.tree.leaves(raw_total)):
+    np.testing.assert_allclose(s + r, raw, rtol=1e-5, atol=1e-6)
+
+
 def test_pre_clip_then_error_feedback_on_clipped_update(deterministic_model):
   """One client: step sent + residual kept == the clipped FedAvg step."""
   params = deterministic_model.init(jax.random.key(2))
   cohort = build_cohort(make_clients(1, seed=4, min_size=12, max_size=12),
                         [0], batch_size=4)
-  avg = fedavg.fedavg(deterministic_model, optax.sgd(0.5))
-  ref, _, _ = _round(avg, params, cohort, jnp.zeros([1]))
+  avg = functools.partial(fedavg.fedavg, deterministic_model, optax.sgd(0.5))
+  ref, _, _ = _round(avg(), params, cohort, jnp.zeros([1]))
   full_step = jax.tree.map(jnp.subtract, ref.params, params)
   clip_norm = 0.5 * float(global_norm(full_step))
-  alg = compression.compressed(avg, compression.top_k(k=4),
-                               pre_clip_norm=clip_norm)
+  alg = _compressed(avg, compression.top_k(k=4), pre_clip_norm=clip_norm)
   state, new_states, metrics = _round(alg, params, cohort)
   sent = jax.tree.map(jnp.subtract, state.params, params)
-  residual = jax.tree.map(lambda a: a[0], new_states[1][0])
+  # chain (clip, compress, mean): the compress link's (residual, ()).
+  residual = jax.tree.map(lambda a: a[0], new_states.aggregation[1][0])
   clipped = jax.tree.map(lambda s: s * 0.5, full_step)
   for a, b, c in zip(jax.tree.leaves(sent), jax.tree.leaves(residual),
                      jax.tree.leaves(clipped)):
@@ -370,13 +417,12 @@ def test_composes_with_central_dp_aggregator(deterministic_model):
   cohort = build_cohort(make_clients(5, seed=6), [0, 1, 2, 4], batch_size=3,
                         pad_clients=1)
   clip_norm, noise_multiplier, expected_cohort = 0.02, 1.0, 5.0
-  alg = compression.compressed(
-      fedavg.fedavg(deterministic_model, optax.sgd(0.1), aggregator=(
-          aggregators.gaussian_sum(clip_norm, noise_multiplier,
-                                   expected_cohort))),
+  alg = _compressed(
+      functools.partial(fedavg.fedavg, deterministic_model, optax.sgd(0.1),
+                        weighting="uniform"),
       compression.stochastic_quantization(1, "hadamard"),
+      aggregators.gaussian_sum(clip_norm, noise_multiplier, expected_cohort),
       pre_clip_norm=clip_norm)
-  assert alg.name == "fedavg+q1-hadamard"
   state, _, metrics = _round(alg, params, cohort)
   assert float(metrics["update_norm"]) > clip_norm * 1.05  # decoded, > C
   assert float(metrics["fraction_clipped"]) == 1.0

@@ -1,7 +1,7 @@
-"""Tests for fedjax_lab.privacy.tree (tree-aggregation noise and DP-FTRL).
+"""Tests for fedjax_lab.privacy.tree's DP-FTRL server optimizer.
 
-The aggregator form, :func:`tree.tree_aggregator`, is tested in
-``test_tree_aggregator.py``.
+The node noise is tested in ``test_tree_noise.py``; the aggregator form,
+:func:`tree.tree_aggregator`, in ``test_tree_aggregator.py``.
 
 The statistical checks use fixed seeds (so they cannot flake) and many i.i.d.
 coordinates; tolerances are 6 standard errors of the estimator, far below the
@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from fedjax_lab.privacy import tree
+from fedjax_lab.privacy import tree_noise
 
 NUM_COORDS = 40_000
 SIGMA = 0.7
@@ -25,13 +26,6 @@ SIGMA = 0.7
 
 def _popcount(t):
   return bin(t).count("1")
-
-
-def _node(key, level, index, shape, leaf=0, noise_std=SIGMA):
-  """Noise of tree node ``(level, index)`` for leaf ``leaf``, as documented."""
-  node_key = jax.random.fold_in(jax.random.fold_in(key, level), index)
-  return noise_std * jax.random.normal(jax.random.fold_in(node_key, leaf),
-                                       shape, jnp.float32)
 
 
 def _assert_variance(sample, variance, num_se=6.0):
@@ -69,170 +63,6 @@ def _run(optimizer, params, grads):
     params_seq.append(params)
     states.append(state)
   return params_seq, states
-
-
-# ------------------------------------------------------------- prefix noise
-
-
-def test_tree_depth():
-  assert [tree.tree_depth(n) for n in (1, 2, 3, 4, 7, 8, 100, 1024)] == [
-      1, 2, 2, 3, 3, 4, 7, 11]
-  with pytest.raises(ValueError, match="max_steps must be >= 1"):
-    tree.tree_depth(0)
-  with pytest.raises(TypeError, match="max_steps must be an integer"):
-    tree.tree_depth(4.0)
-
-
-@pytest.mark.parametrize("step", [1, 2, 3, 7, 8, 13])
-def test_prefix_noise_variance_is_popcount_times_sigma_squared(step):
-  key = jax.random.key(1)
-  template = {"a": jnp.zeros([NUM_COORDS]), "b": jnp.zeros([100, 200])}
-  noise = tree.prefix_noise(key, step, template, SIGMA, num_levels=4)
-  assert jax.tree.structure(noise) == jax.tree.structure(template)
-  variance = _popcount(step) * SIGMA**2
-  _assert_variance(noise["a"], variance)
-  _assert_variance(noise["b"], variance)
-  assert noise["b"].shape == (100, 200) and noise["b"].dtype == jnp.float32
-  # Different leaves get different (uncorrelated) draws.
-  _assert_uncorrelated(noise["a"][:20_000], noise["b"].ravel())
-  assert tree.prefix_noise_std(step, SIGMA) == pytest.approx(
-      math.sqrt(variance))
-
-
-def test_prefix_noise_is_sum_of_documented_nodes():
-  key = jax.random.key(5)
-  shape = (1000,)
-  noise = tree.prefix_noise(key, 13, jnp.zeros(shape), SIGMA, num_levels=4)
-  # 13 = 0b1101: nodes (0, 13), (2, 3), (3, 1).
-  expected = (_node(key, 0, 13, shape) + _node(key, 2, 3, shape)
-              + _node(key, 3, 1, shape))
-  np.testing.assert_allclose(noise, expected, rtol=1e-6, atol=1e-6)
-
-
-def test_shared_nodes_are_identical():
-  key = jax.random.key(2)
-  template = jnp.zeros([NUM_COORDS])
-
-  def noise(t):
-    return tree.prefix_noise(key, t, template, SIGMA, num_levels=3)
-
-  n4, n5, n6, n7 = noise(4), noise(5), noise(6), noise(7)
-  # 6 = 4 + 2: S_6's noise is S_4's node plus the level-1 node (1, 3).
-  only_level_1 = n6 - n4
-  np.testing.assert_allclose(only_level_1, _node(key, 1, 3, (NUM_COORDS,)),
-                             atol=1e-5)
-  _assert_variance(only_level_1, SIGMA**2)
-  _assert_uncorrelated(only_level_1, n4)
-  # 7 = 6 + 1 and 5 = 4 + 1 add level-0 nodes of their own.
-  np.testing.assert_allclose(n7 - n6, _node(key, 0, 7, (NUM_COORDS,)),
-                             atol=1e-5)
-  np.testing.assert_allclose(n5 - n4, _node(key, 0, 5, (NUM_COORDS,)),
-                             atol=1e-5)
-  _assert_uncorrelated(n7 - n6, n5 - n4)
-
-
-@pytest.mark.parametrize("s, t, shared", [
-    (4, 6, 1), (6, 7, 2), (5, 7, 1), (3, 4, 0), (8, 15, 1), (12, 13, 2),
-    (9, 10, 1), (1, 2, 0),
-])
-def test_prefix_noise_covariance_counts_shared_nodes(s, t, shared):
-  key = jax.random.key(3)
-  template = jnp.zeros([NUM_COORDS])
-  a = np.asarray(tree.prefix_noise(key, s, template, SIGMA, 4), np.float64)
-  b = np.asarray(tree.prefix_noise(key, t, template, SIGMA, 4), np.float64)
-  covariance = np.mean(a * b)
-  # Var(a * b) <= E[a^2 b^2]; bound it by the fourth moments of Gaussians.
-  se = SIGMA**2 * math.sqrt(3 * _popcount(s) * _popcount(t) / NUM_COORDS)
-  assert abs(covariance - shared * SIGMA**2) < 6 * se, covariance
-
-
-def test_prefix_noise_step_zero_and_zero_std():
-  key = jax.random.key(0)
-  template = {"w": jnp.ones([10])}
-  np.testing.assert_array_equal(
-      tree.prefix_noise(key, 0, template, SIGMA, 4)["w"], np.zeros(10))
-  np.testing.assert_array_equal(
-      tree.prefix_noise(key, 7, template, 0.0, 4)["w"], np.zeros(10))
-  assert tree.prefix_noise_std(0, SIGMA) == 0.0
-
-
-def test_prefix_noise_under_jit_with_traced_step_and_std():
-  key = jax.random.key(9)
-  template = {"w": jax.ShapeDtypeStruct((50,), jnp.float32),
-              "v": jnp.zeros((2, 3), jnp.bfloat16)}
-  jitted = jax.jit(lambda k, t, std: tree.prefix_noise(k, t, template, std,
-                                                       num_levels=4))
-  for step in (1, 6, 11, 15):
-    eager = tree.prefix_noise(key, step, template, SIGMA, num_levels=4)
-    traced = jitted(key, jnp.int32(step), jnp.float32(SIGMA))
-    np.testing.assert_allclose(traced["w"], eager["w"], rtol=1e-5,
-                               atol=1e-6)
-    assert traced["v"].dtype == jnp.bfloat16
-  with pytest.raises(TypeError, match="floating-point"):
-    tree.prefix_noise(key, 1, jnp.zeros(3, jnp.int32), SIGMA, 2)
-
-
-def test_prefix_noise_std_values():
-  assert tree.prefix_noise_std(1, 2.0) == 2.0
-  assert tree.prefix_noise_std(7, 2.0) == pytest.approx(2.0 * math.sqrt(3))
-  assert tree.prefix_noise_std(8, 2.0) == 2.0
-  with pytest.raises(ValueError, match="step must be >= 0"):
-    tree.prefix_noise_std(-1, 1.0)
-
-
-# ---------------------------------------------------- prefix noise increment
-
-
-@pytest.mark.parametrize("num_levels", [0, 1, 3, 4, 6])
-def test_prefix_noise_increment_is_difference_of_prefixes(num_levels):
-  """N_t - N_{t-1}, also past the tree's depth (high bits are ignored)."""
-  key = jax.random.key(12)
-  template = {"w": jnp.zeros([300]), "v": jnp.zeros([2, 5])}
-  for step in range(0, 70):
-    increment = tree.prefix_noise_increment(key, step, template, SIGMA,
-                                            num_levels)
-    assert jax.tree.structure(increment) == jax.tree.structure(template)
-    if step == 0:
-      expected = jax.tree.map(jnp.zeros_like, template)
-    else:
-      expected = jax.tree.map(
-          jnp.subtract,
-          tree.prefix_noise(key, step, template, SIGMA, num_levels),
-          tree.prefix_noise(key, step - 1, template, SIGMA, num_levels))
-    for name in ("w", "v"):
-      np.testing.assert_allclose(increment[name], expected[name], rtol=0,
-                                 atol=1e-5, err_msg=f"step {step}")
-
-
-def test_prefix_noise_increment_uses_documented_nodes():
-  key = jax.random.key(13)
-  shape = (1000,)
-  # 12 = 0b1100, 11 = 0b1011: level 3 node (3, 1) is shared; 12 adds
-  # (2, 3), 11 has (0, 11) and (1, 5).
-  increment = tree.prefix_noise_increment(key, 12, jnp.zeros(shape), SIGMA,
-                                          num_levels=4)
-  expected = (_node(key, 2, 3, shape) - _node(key, 0, 11, shape)
-              - _node(key, 1, 5, shape))
-  np.testing.assert_allclose(increment, expected, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(
-      tree.prefix_noise_increment(key, 1, jnp.zeros(shape), SIGMA, 4),
-      tree.prefix_noise(key, 1, jnp.zeros(shape), SIGMA, 4))
-
-
-def test_prefix_noise_increment_under_jit_with_traced_step_and_std():
-  key = jax.random.key(14)
-  template = {"w": jax.ShapeDtypeStruct((50,), jnp.float32),
-              "v": jnp.zeros((2, 3), jnp.bfloat16)}
-  jitted = jax.jit(lambda k, t, std: tree.prefix_noise_increment(
-      k, t, template, std, num_levels=4))
-  for step in (1, 4, 6, 11, 16):
-    eager = tree.prefix_noise_increment(key, step, template, SIGMA, 4)
-    traced = jitted(key, jnp.int32(step), jnp.float32(SIGMA))
-    np.testing.assert_allclose(traced["w"], eager["w"], rtol=1e-5,
-                               atol=1e-6)
-    assert traced["v"].dtype == jnp.bfloat16
-  with pytest.raises(TypeError, match="floating-point"):
-    tree.prefix_noise_increment(key, 1, jnp.zeros(3, jnp.int32), SIGMA, 2)
 
 
 # ------------------------------------------------------------------ dp_ftrl
@@ -300,11 +130,11 @@ def test_dp_ftrl_params_are_ftrl_form_within_a_tree():
   params0 = {"w": jnp.linspace(0, 1, 500), "b": jnp.zeros(3)}
   optimizer = tree.dp_ftrl(lr, SIGMA, steps_per_tree=16, noise_key=noise_key)
   params_seq, states = _run(optimizer, params0, grads)
-  key = tree.tree_noise_key(noise_key, 0)
+  key = tree_noise.tree_noise_key(noise_key, 0)
   exact = jax.tree.map(jnp.zeros_like, params0)
   for t in range(1, steps + 1):
     exact = jax.tree.map(jnp.add, exact, grads[t - 1])
-    noise = tree.prefix_noise(key, t, exact, SIGMA, tree.tree_depth(16))
+    noise = tree_noise.prefix_noise(key, t, exact, SIGMA, tree_noise.tree_depth(16))
     for name in ("w", "b"):
       expected = params0[name] - lr * (exact[name] + noise[name])
       np.testing.assert_allclose(params_seq[t - 1][name], expected,
@@ -344,8 +174,8 @@ def test_gradient_noise_telescopes_to_prefix_noise():
     noisy_grad = -np.asarray(updates["w"], np.float64) / lr
     noise_sum += noisy_grad - np.asarray(g["w"], np.float64)
   # Leaves are noised in pytree order, so the template is the params pytree.
-  final_noise = tree.prefix_noise(tree.tree_noise_key(noise_key, 0), steps,
-                                  params, SIGMA, tree.tree_depth(steps))["w"]
+  final_noise = tree_noise.prefix_noise(tree_noise.tree_noise_key(noise_key, 0), steps,
+                                  params, SIGMA, tree_noise.tree_depth(steps))["w"]
   np.testing.assert_allclose(noise_sum, final_noise, atol=1e-4)
   _assert_variance(noise_sum, _popcount(steps) * SIGMA**2)
 
@@ -359,11 +189,11 @@ def test_dp_ftrl_restarts_tree_with_fresh_noise():
   params_seq, states = _run(optimizer, params0, grads)
   assert [int(s.step_in_tree) for s in states] == [1, 2, 3, 4, 1, 2, 3, 4, 1]
   assert [int(s.tree_index) for s in states] == [0, 0, 0, 0, 1, 1, 1, 1, 2]
-  levels = tree.tree_depth(per_tree)
+  levels = tree_noise.tree_depth(per_tree)
   params_before = [params0] + params_seq
 
   def noise_w(key, t):
-    return tree.prefix_noise(key, t, params0, SIGMA, levels)["w"]
+    return tree_noise.prefix_noise(key, t, params0, SIGMA, levels)["w"]
 
   def released_noise(position):
     """Noise on the gradient the update at 0-based ``position`` used."""
@@ -376,10 +206,10 @@ def test_dp_ftrl_restarts_tree_with_fresh_noise():
     # Step 1 of the new tree: its own N_1, nothing of the old tree's
     # N_{per_tree} subtracted (params continue from the previous tree's end).
     new_noise = released_noise(first)
-    expected = noise_w(tree.tree_noise_key(noise_key, tree_index), 1)
+    expected = noise_w(tree_noise.tree_noise_key(noise_key, tree_index), 1)
     np.testing.assert_allclose(new_noise, expected, atol=1e-4)
     # Fresh key: independent of every node of the previous tree.
-    old_key = tree.tree_noise_key(noise_key, tree_index - 1)
+    old_key = tree_noise.tree_noise_key(noise_key, tree_index - 1)
     for t in (1, 2, 4):
       _assert_uncorrelated(new_noise, noise_w(old_key, t))
   _assert_uncorrelated(released_noise(0), released_noise(per_tree))
@@ -396,7 +226,7 @@ def test_param_noise_variance_matches_tree_mechanism():
   for t in range(1, steps + 1):
     deviation = noisy[t - 1]["w"] - clean[t - 1]["w"]
     _assert_variance(deviation, lr**2 * _popcount(t) * SIGMA**2)
-    assert lr * tree.prefix_noise_std(t, SIGMA) == pytest.approx(
+    assert lr * tree_noise.prefix_noise_std(t, SIGMA) == pytest.approx(
         math.sqrt(lr**2 * _popcount(t) * SIGMA**2))
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from fedjax_lab.privacy import aggregators
 from fedjax_lab.privacy import tree
+from fedjax_lab.privacy import tree_noise
 
 CLIP = 1.5
 COHORT = 4.0
@@ -169,8 +170,8 @@ def test_aggregator_with_sgd_is_ftrl_form_within_a_tree():
   for t in range(1, steps + 1):
     mean = _clipped_mean(cohorts[t - 1])
     exact = {name: exact[name] + mean[name] for name in exact}
-    noise = tree.prefix_noise(key, t, params0, NODE_STD,
-                              tree.tree_depth(per_tree))
+    noise = tree_noise.prefix_noise(key, t, params0, NODE_STD,
+                              tree_noise.tree_depth(per_tree))
     for name in ("w", "b"):
       expected = np.asarray(params0[name]) - lr * (exact[name] + noise[name])
       np.testing.assert_allclose(params_seq[t - 1][name], expected,
@@ -188,14 +189,14 @@ def test_aggregator_with_momentum_is_dp_ftrlm_across_restarts():
   aggregator = tree.tree_aggregator(CLIP, MULTIPLIER, COHORT, per_tree)
   params_seq, states, _, _ = _train(aggregator, optax.sgd(lr, momentum),
                                     params0, cohorts, _round_keys(8, steps))
-  levels = tree.tree_depth(per_tree)
+  levels = tree_noise.tree_depth(per_tree)
   params = {name: np.asarray(p, np.float64) for name, p in params0.items()}
   velocity = {"w": 0.0, "b": 0.0}
   for r in range(steps):
     step = int(states[r].step_in_tree)
     key = _key(states[r])
-    current = tree.prefix_noise(key, step, params0, NODE_STD, levels)
-    previous = tree.prefix_noise(key, step - 1, params0, NODE_STD, levels)
+    current = tree_noise.prefix_noise(key, step, params0, NODE_STD, levels)
+    previous = tree_noise.prefix_noise(key, step - 1, params0, NODE_STD, levels)
     mean = _clipped_mean(cohorts[r])
     for name in params:
       noisy_grad = mean[name] + np.asarray(current[name] - previous[name])
@@ -232,8 +233,8 @@ def test_restarts_take_a_new_key_from_that_rounds_rng():
         cohorts[round_index])["w"]
 
   for first in (3, 6):
-    expected = tree.prefix_noise(_key(states[first]), 1, _params0(20_000),
-                                 NODE_STD, tree.tree_depth(per_tree))["w"]
+    expected = tree_noise.prefix_noise(_key(states[first]), 1, _params0(20_000),
+                                 NODE_STD, tree_noise.tree_depth(per_tree))["w"]
     np.testing.assert_allclose(noise_w(first), expected, atol=1e-5)
     corr = np.corrcoef(noise_w(first), noise_w(first - per_tree))[0, 1]
     assert abs(corr) < 6 / math.sqrt(20_000), corr

@@ -28,6 +28,8 @@ import pytest
 
 from configs import common
 from fedjax_lab.data.federated import ClientStore
+from fedjax_lab.engine import clients as engine_clients
+from fedjax_lab.engine import round as round_lib
 from fedjax_lab.privacy import secret_seed
 from fedjax_lab.privacy.aggregators import add_gaussian_noise
 from fedjax_lab.training import loop, setup
@@ -253,7 +255,6 @@ def _round_level_release(exp, round_fn, noise_seed, rounds=2):
   run as the loop runs them (noise key from ``noise_seed``, the release
   policy on the round's metrics), without evaluation or files."""
   from fedjax_lab.data import cohort as cohort_lib  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.engine import round as round_lib  # pylint: disable=g-import-not-at-top
   from fedjax_lab.training import privacy_run  # pylint: disable=g-import-not-at-top
   config = exp.config
   private = privacy_run.PrivacyRun.start(
@@ -297,7 +298,6 @@ def _round_level_release(exp, round_fn, noise_seed, rounds=2):
 @pytest.mark.parametrize("variant, mechanism", ROUND_PAIRS)
 def test_no_noise_free_release_in_the_rounds_of_every_pair(
     variant, mechanism, monkeypatch):
-  from fedjax_lab.engine import round as round_lib  # pylint: disable=g-import-not-at-top
   config = _config(mechanism, **ALGORITHM_VARIANTS[variant])
   # Fixed-size cohorts: one compiled shape (the runner-level tests and the
   # removal test cover Poisson cohorts).
@@ -399,8 +399,7 @@ def _noisy_sum(workdir, config):
 def _noise_with(round_key, like):
   """The aggregator's noise on the sum for a round key (the engine's
   derivation: finalize gets fold_in(round_key, tag))."""
-  from fedjax_lab.engine import round as round_lib  # pylint: disable=g-import-not-at-top
-  key = jax.random.fold_in(round_key, round_lib._AGGREGATOR_RNG_TAG)  # pylint: disable=protected-access
+  key = jax.random.fold_in(round_key, engine_clients._AGGREGATOR_RNG_TAG)  # pylint: disable=protected-access
   zeros = jax.tree.map(jnp.zeros_like, like)
   return add_gaussian_noise(zeros, 5.0 * 0.5, key)
 
