@@ -43,7 +43,7 @@ def main(argv: Sequence[str]) -> None:
   """Builds the experiment the flags describe, runs it, reports it."""
   cli.reject_extra_args(argv)
   # Imported here so --help stays fast.
-  from fedjax_lab.training import loop, setup  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.training import api, setup  # pylint: disable=g-import-not-at-top
 
   cli.quiet_library_logs()
   config_file = flags.FLAGS["config"].config_filename.partition(":")[0]
@@ -62,8 +62,8 @@ def main(argv: Sequence[str]) -> None:
   print(f"strategy: {experiment.strategy.label} on "
         f"{setup.describe_devices()}; workdir: {workdir}", file=sys.stderr)
   with cli.run_errors_exit():
-    summary = loop.run_experiment(experiment, workdir,
-                                  show_progress=_PROGRESS.value)
+    summary = api.simulate(experiment, workdir=workdir,
+                           show_progress=_PROGRESS.value).summary
   print(cli.run_report(summary, workdir), file=sys.stderr, flush=True)
   print(json.dumps(summary))
 

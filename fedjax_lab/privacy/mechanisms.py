@@ -69,13 +69,12 @@ def _dp_link(plan: PrivacyPlan) -> base.Aggregator:
     return aggregators.gaussian_sum(plan.clip_norm, plan.noise_multiplier,
                                     plan.simulated_cohort_size, noise_cohort)
   if plan.mechanism == "adaptive":
-    adaptive = plan.settings.get("adaptive", {})
+    # The block's keys are the factory's keyword arguments; a key the block
+    # lacks takes the factory's default (defaults live in its signature).
+    adaptive = dict(plan.settings.get("adaptive", {}))
     return aggregators.adaptive_clipping(
         plan.clip_norm, plan.noise_multiplier, plan.simulated_cohort_size,
-        target_quantile=adaptive.get("target_quantile", 0.5),
-        clip_learning_rate=adaptive.get("clip_learning_rate", 0.2),
-        clipped_count_stddev=adaptive.get("clipped_count_stddev", 0.0),
-        noise_cohort_size=noise_cohort)
+        noise_cohort_size=noise_cohort, **adaptive)
   if plan.mechanism == "tree":
     # DP-FTRL: clipped mean plus the increment of the tree's prefix-sum
     # noise; the server optimizer is plain SGD (with momentum) on it.

@@ -80,6 +80,8 @@ _SUMMARY_KEYS = {
     "epsilon": PUBLIC, "delta": PUBLIC, "privacy": PUBLIC,
     "seconds": DIAGNOSTIC, "compilations": DIAGNOSTIC,
     "personalization": DIAGNOSTIC,
+    # Which step loop ran depends on the padded step count (data sizes).
+    "strategy_effective": DIAGNOSTIC,
 }
 
 

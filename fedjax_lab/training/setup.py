@@ -43,13 +43,16 @@ from fedjax_lab import models
 from fedjax_lab.algorithms import base as alg_base
 from fedjax_lab.algorithms import compression
 from fedjax_lab.algorithms.optimizers import build_optimizer
+from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data import sampling
 from fedjax_lab.data.federated import FederatedDataset
 from fedjax_lab.data.sources import load_dataset
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.strategy import Strategy, parse_strategy
 from fedjax_lab.privacy import accounting
+from fedjax_lab.privacy import mechanisms
 from fedjax_lab.privacy import plan as privacy_plan
+from fedjax_lab.privacy import refusals
 from fedjax_lab.training import sinks
 
 SAMPLING_KINDS = ("fixed", "poisson", "shuffle")
@@ -86,6 +89,10 @@ class Experiment:
   # Local work per round: epochs over each client's data, and a step cap.
   local_epochs: int = 1
   local_max_steps: int | None = None
+  # Local batching: shuffle each client's examples (False: in order), and
+  # the allowed padded step counts (None: geometric buckets).
+  shuffle_local_data: bool = True
+  step_buckets: tuple[int, ...] | None = None
 
 
 def _kwargs(block: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -129,54 +136,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.client.batch_size < 1 or config.client.num_epochs < 1:
     raise ConfigError("client.batch_size and client.num_epochs must be >= 1.")
   mechanism = config.get("privacy", {}).get("mechanism", "none")
-  _check_algorithm(config, mechanism)
-  if mechanism != "none" and config.weighting != "uniform":
-    raise ConfigError(
-        f"privacy.mechanism={mechanism!r} sums clipped updates with weight 1 "
-        "(per-client weights would change the sensitivity); set "
-        "--config.weighting=uniform.")
-  diagnostics = config.get("privacy", {}).get("release_diagnostics", False)
-  if mechanism != "none" and not diagnostics:
-    for key, what in (
-        ("eval_train_split", "evaluates on the clients' training examples"),
-        ("personalization.enabled", "fine-tunes on every client's training "
-         "data and reports per-client accuracies")):
-      block, _, name = key.rpartition(".")
-      if (config.get(block, {}) if block else config).get(name, False):
-        raise ConfigError(
-            f"{key}=True {what}: un-noised statistics of private data that "
-            f"epsilon does not cover. With privacy.mechanism={mechanism!r} "
-            f"set --config.{key}=False, or --config.privacy."
-            "release_diagnostics=True to write them labelled "
-            "diagnostic/ (not private).")
-  if mechanism == "tree" and config.server.optimizer != "sgd":
-    raise ConfigError(
-        "privacy.mechanism='tree' makes DP-FTRL the server optimizer (with "
-        "server.learning_rate and privacy.ftrl.momentum); set "
-        f"server.optimizer='sgd', not {config.server.optimizer!r}.")
+  context = _check_algorithm(config, mechanism)
+  # Every unsafe DP combination is a row of privacy.refusals' table.
+  enabled = []
+  for key in refusals.DIAGNOSTIC_KEYS:
+    block, _, name = key.rpartition(".")
+    if (config.get(block, {}) if block else config).get(name, False):
+      enabled.append(key)
+  reason = refusals.first_refusal(refusals.Setting(
+      mechanism=mechanism, algorithm=config.algorithm, context=context,
+      compression=_compression_method(config), weighting=config.weighting,
+      server_optimizer=config.server.optimizer, diagnostics=tuple(enabled),
+      release_diagnostics=bool(config.get("privacy", {}).get(
+          "release_diagnostics", False))), scopes=("algorithm", "config"))
+  if reason is not None:
+    raise ConfigError(reason)
 
 
-def _check_algorithm(config, mechanism: str) -> None:
-  """The registered algorithm's own checks: its block's keys, its
-  requirements, its refusal of ``mechanism``; then the compression block."""
+def _check_algorithm(config, mechanism: str) -> algorithms.BuildContext:
+  """The registered algorithm's own checks (its block's keys, its
+  requirements) and the compression block's method; returns the context the
+  refusal table reads (the algorithm's refusal of ``mechanism`` is a row)."""
+  del mechanism  # refused by the table in validate
   try:
     recipe = algorithms.get(config.algorithm)
     context = algorithms.BuildContext(config, recipe.options(config))
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  for message in (recipe.requires and recipe.requires(context),
-                  recipe.refusal(context, mechanism)):
-    if message:
-      raise ConfigError(message)
+  message = recipe.requires and recipe.requires(context)
+  if message:
+    raise ConfigError(message)
   method = _compression_method(config)
   if method not in COMPRESSION_METHODS:
     raise ConfigError(f"compression.method must be one of "
                       f"{COMPRESSION_METHODS}, got {method!r}.")
-  if method != "none" and mechanism == "local":
-    raise ConfigError(
-        "compression with privacy.mechanism='local' would add the local noise "
-        "after decoding, which is not what a device sends; use central DP "
-        "('gaussian' or 'adaptive') or compression.method='none'.")
+  return context
 
 
 def _compression_method(config) -> str:
@@ -217,13 +211,13 @@ def build_context(config, model: models.Model | None = None,
                                config.client.learning_rate,
                                config.client.get("hparams", {}))
   if privacy is not None and privacy.mechanism == "tree":
-    server_opt = privacy_plan.build_ftrl_server_optimizer(
+    server_opt = mechanisms.build_ftrl_server_optimizer(
         privacy, config.server.learning_rate)
   else:
     server_opt = build_optimizer(config.server.optimizer,
                                  config.server.learning_rate,
                                  config.server.get("hparams", {}))
-  aggregator = (privacy_plan.build_aggregator(privacy) if privacy is not None
+  aggregator = (mechanisms.build_aggregator(privacy) if privacy is not None
                 else None)
   return algorithms.BuildContext(
       config, recipe.options(config), model=model,
@@ -234,19 +228,22 @@ def build_context(config, model: models.Model | None = None,
 
 def _build_algorithm(context: algorithms.BuildContext
                      ) -> alg_base.FederatedAlgorithm:
-  """The recipe's algorithm, named for its DP mechanism, compressed if the
-  config says so."""
+  """The recipe's algorithm, named for its DP mechanism, its aggregation a
+  chain with a compression link if the config says so."""
   config, privacy = context.config, context.privacy
   recipe = algorithms.get(config.algorithm)
-  algorithm = recipe.build(context, **context.options)
-  prefix = _DP_PREFIX[privacy.mechanism] if privacy is not None else ""
-  algorithm = dataclasses.replace(algorithm, name=prefix + algorithm.name)
   compressor = _compressor(config)
-  if compressor is None:
-    return algorithm
-  pre_clip = (privacy.clip_norm if privacy is not None and
-              privacy.mechanism in ("gaussian", "tree") else None)
-  return compression.compressed(algorithm, compressor, pre_clip_norm=pre_clip)
+  if compressor is not None:
+    # clip (central DP of fixed norm) -> compress -> the DP sum (or mean).
+    context = dataclasses.replace(
+        context, aggregator=mechanisms.build_aggregator(
+            privacy, compression.compress(compressor)))
+  algorithm = alg_base.pair_client_states(
+      recipe.build(context, **context.options))
+  prefix = _DP_PREFIX[privacy.mechanism] if privacy is not None else ""
+  suffix = f"+{compressor.name}" if compressor is not None else ""
+  return dataclasses.replace(algorithm,
+                             name=prefix + algorithm.name + suffix)
 
 
 def build_algorithm(config, model: models.Model,
@@ -282,14 +279,17 @@ def _client_states_init(context: algorithms.BuildContext,
   if recipe.client_states_init is None:
     return None
   inner_init = recipe.client_states_init(context)
-  if inner_init is None or _compression_method(context.config) == "none":
+  if inner_init is None or not alg_base.has_client_state(
+      algorithm.aggregator):
     return inner_init
 
   def init(params, num_clients):
-    # compressed() pairs the inner state with the compressor's.
-    _, compressor_states = round_lib.stack_client_states(
-        algorithm.client_state_init(params), num_clients)
-    return inner_init(params, num_clients), compressor_states
+    # The aggregation chain's per-client state (the compressor's) beside
+    # the recipe's states.
+    aggregation_states = round_lib.stack_client_states(
+        algorithm.client_state_init(params).aggregation, num_clients)
+    return alg_base.ClientStates(algorithm=inner_init(params, num_clients),
+                                 aggregation=aggregation_states)
 
   return init
 
@@ -308,17 +308,72 @@ def build_privacy(config, num_clients: int
     raise ConfigError(str(e)) from None
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-  """Validates ``config`` and builds the dataset, model, algorithm, sampler."""
+STEP_PADDINGS = ("bucketed", "fixed")
+
+
+def _check_given(config, *, dataset, sampler, model, mechanism: str) -> None:
+  """Refuses objects passed beside a config that would silently override
+  (or be overridden by) one of its keys, and a given sampler in a DP run."""
+  if dataset is not None and config.data.get("name", ""):
+    raise ConfigError(
+        f"a dataset was passed and config.data.name={config.data.name!r} "
+        "names another; set data.name='' (the passed dataset is used) or "
+        "pass no dataset.")
+  if model is not None and config.model.get("name", ""):
+    raise ConfigError(
+        f"a model was passed and config.model.name={config.model.name!r} "
+        "names another; set model.name='' or pass no model.")
+  if model is None and not config.model.get("name", ""):
+    raise ConfigError("config.model.name is empty and no model was passed; "
+                      f"name one of {list(models.MODEL_NAMES)}.")
+  if sampler is not None and mechanism != "none":
+    raise ConfigError(
+        f"privacy.mechanism={mechanism!r} samples cohorts itself, from the "
+        "run's secret seed with the sampling its accountant assumes "
+        f"(sampling={config.sampling!r}); a given sampler (e.g. a replayed "
+        "schedule) has no amplification by sampling. Pass no sampler.")
+  if sampler is not None and config.sampling == "poisson":
+    raise ConfigError("sampling='poisson' pads cohorts to no fixed size; "
+                      "with a given sampler leave sampling='fixed'.")
+
+
+def build_experiment(config: ml_collections.ConfigDict, *,
+                     dataset: FederatedDataset | None = None,
+                     sampler: sampling.ClientSampler | None = None,
+                     model: models.Model | None = None) -> Experiment:
+  """Validates ``config`` and builds the dataset, model, algorithm, sampler.
+
+  ``dataset`` (e.g. :meth:`FederatedDataset.from_client_arrays` of your own
+  arrays), ``sampler`` (e.g. :class:`~fedjax_lab.data.sampling.
+  ScheduleSampler` replaying a list of cohorts) and ``model`` replace what
+  ``config.data`` / ``config.sampling`` / ``config.model`` would build; a
+  config key that names something else is an error, never ignored.
+  """
   validate(config)
-  dataset = load_dataset(config.data.name, **_kwargs(config.data))
+  mechanism = config.get("privacy", {}).get("mechanism", "none")
+  _check_given(config, dataset=dataset, sampler=sampler, model=model,
+               mechanism=mechanism)
+  if dataset is None:
+    dataset = load_dataset(config.data.name, **_kwargs(config.data))
   num_clients = dataset.train.num_clients
-  if config.sampling != "poisson" and config.cohort_size > num_clients:
+  if sampler is not None:
+    if sampler.num_clients != num_clients:
+      raise ConfigError(
+          f"the sampler draws from {sampler.num_clients} clients but the "
+          f"dataset has {num_clients} training clients.")
+    scheduled = getattr(sampler, "num_rounds", None)
+    if scheduled is not None and scheduled < config.num_rounds:
+      raise ConfigError(
+          f"the sampler's schedule covers {scheduled} rounds but "
+          f"num_rounds={config.num_rounds}; lower num_rounds or give a "
+          "cohort for every round.")
+  elif config.sampling != "poisson" and config.cohort_size > num_clients:
     raise ConfigError(
         f"cohort_size={config.cohort_size} but {dataset.name} has only "
         f"{num_clients} training clients; lower --config.cohort_size.")
   privacy = build_privacy(config, num_clients)
-  model = build_model(config, dataset)
+  if model is None:
+    model = build_model(config, dataset)
   context = build_context(config, model, privacy, num_clients, dataset)
   algorithm = _build_algorithm(context)
   if privacy is not None:
@@ -326,18 +381,30 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       privacy_plan.check_private_algorithm(algorithm)
     except accounting.PrivacyError as e:
       raise ConfigError(str(e)) from None
-  sampler = make_sampler(config, num_clients, config.seed)
+  if sampler is None:
+    sampler = make_sampler(config, num_clients, config.seed)
   family = MODEL_FAMILIES.get(config.model.name, "dense")
   strategy = parse_strategy(config.get("strategy", "auto"), family)
   local_epochs, local_max_steps = local_schedule(context)
   recipe = algorithms.get(config.algorithm)
+  step_padding = config.client.get("step_padding", "bucketed")
+  if step_padding not in STEP_PADDINGS:
+    raise ConfigError(f"client.step_padding must be one of {STEP_PADDINGS}, "
+                      f"got {step_padding!r}.")
+  step_buckets = None
+  if step_padding == "fixed":
+    step_buckets = tuple(cohort_lib.fixed_step_padding(
+        dataset.train, config.client.batch_size, local_epochs,
+        local_max_steps))
   return Experiment(
       config, dataset, model, algorithm, sampler, strategy, family,
       client_states_init=_client_states_init(context, algorithm),
       privacy=privacy,
       evaluate_params=(recipe.evaluator(context) if recipe.evaluator
                        else None),
-      local_epochs=local_epochs, local_max_steps=local_max_steps)
+      local_epochs=local_epochs, local_max_steps=local_max_steps,
+      shuffle_local_data=bool(config.client.get("shuffle", True)),
+      step_buckets=step_buckets)
 
 
 def make_sampler(config: ml_collections.ConfigDict, num_clients: int,
