@@ -162,7 +162,13 @@ def with_canaries(algorithm: base.FederatedAlgorithm, clip_norm: float,
   seed = int(seed)
 
   def client_state_init(params):
-    return (algorithm.client_state_init(params), jnp.asarray(-1, jnp.int32))
+    return _with_canary_ids(algorithm.client_state_init(params),
+                            jnp.asarray(-1, jnp.int32))
+
+  # An aggregation chain with per-client state (error-feedback compression)
+  # keeps base.ClientStates pairs; the canary id joins the algorithm half.
+  client_state_init.pairs_aggregation_state = getattr(
+      algorithm.client_state_init, "pairs_aggregation_state", False)
 
   def client_init(broadcast, client_state, rng):
     inner_state, canary_id = client_state
@@ -195,6 +201,15 @@ def with_canaries(algorithm: base.FederatedAlgorithm, clip_norm: float,
       algorithm, name=f"{algorithm.name}+canaries", client_init=client_init,
       client_step=client_step, client_final=client_final,
       client_state_init=client_state_init)
+
+
+def _with_canary_ids(states: Any, canary_ids: Any) -> Any:
+  """``(states, canary_ids)``, or inside the algorithm half of a
+  :class:`base.ClientStates` pair (the engine hands that half to local
+  training and the other to the aggregation chain)."""
+  if isinstance(states, base.ClientStates):
+    return states._replace(algorithm=(states.algorithm, canary_ids))
+  return (states, canary_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,7 +387,7 @@ def add_canaries(experiment: Experiment, num_canaries: int,
           inner_algorithm.client_state_init(params), num_clients)
     ids = np.full([num_clients], -1, np.int32)
     ids[num_real:] = np.arange(num_canaries, dtype=np.int32)
-    return (inner, ids)
+    return _with_canary_ids(inner, ids)
 
   new_experiment = dataclasses.replace(
       experiment, dataset=dataset,

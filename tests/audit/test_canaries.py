@@ -12,6 +12,7 @@ import pytest
 
 from fedjax_lab.algorithms import base, fedavg
 from fedjax_lab.audit import canaries as canaries_lib
+from fedjax_lab.audit import one_shot
 from fedjax_lab.engine.round import build_round
 from fedjax_lab.engine.strategy import Strategy
 from fedjax_lab.models import base as model_base
@@ -313,3 +314,25 @@ def test_clip_norm_and_delta_come_from_the_privacy_plan():
   _, canaries = canaries_lib.add_canaries(experiment, 4, 4, seed=0)
   assert canaries.clip_norm == pytest.approx(0.3)
 
+
+
+def test_canaries_run_with_an_error_feedback_compression_chain(tmp_path):
+  # Error feedback keeps per-client state in the aggregation chain
+  # (base.ClientStates pairs); the canary ids must join the algorithm half.
+  config = small_config(num_rounds=2)
+  config.weighting = "uniform"
+  config.metrics_sinks = ""
+  config.privacy.update({"mechanism": "gaussian", "clip_norm": 0.5,
+                         "noise_multiplier": 1.0, "noise_seed": 0})
+  config.compression.update({"method": "top_k", "fraction": 0.2,
+                             "error_feedback": True})
+  experiment = setup.build_experiment(config)
+  report = one_shot.run_audit(experiment, str(tmp_path), num_canaries=4,
+                              num_held_out=4, seed=0)
+  assert report["algorithm"].endswith("topk0.2-ef+canaries")
+  audited, _ = canaries_lib.add_canaries(experiment, 4, 4, seed=0)
+  states = audited.client_states_init(
+      audited.model.init(jax.random.key(0)), 24)
+  assert isinstance(states, base.ClientStates)
+  _, ids = states.algorithm
+  np.testing.assert_array_equal(ids, np.r_[-np.ones(20), np.arange(4)])
