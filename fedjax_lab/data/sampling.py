@@ -22,6 +22,12 @@ Three schemes are provided:
 
 :class:`ScheduleSampler` (``kind = "schedule"``) replays a given list of
 cohorts instead of drawing them.
+
+A round's draw costs O(cohort), not O(population): uniform and Poisson
+cohorts of a large population are drawn as a subset (Floyd's algorithm,
+after a Binomial count for Poisson), and the shuffled sampler draws one
+permutation per epoch (``tests/data/test_sampling.py`` checks the memory of a
+draw from 10^8 clients).
 """
 
 from __future__ import annotations
@@ -124,9 +130,16 @@ class PoissonSampler:
 
     The length varies between rounds and can be 0.
     """
+    # O(cohort), not O(N): the number of included clients of N independent
+    # Bernoulli(q) draws is Binomial(N, q), and given that count every
+    # subset of that size is equally likely; numpy draws a small subset of a
+    # large population with Floyd's algorithm (a hash set of the chosen
+    # positions), so a round costs O(cohort) at any population size.
     rng = _round_rng(self.seed, round_index, _POISSON_SALT)
-    included = rng.random(self.num_clients) < self.sampling_rate
-    return np.flatnonzero(included).astype(np.int64)
+    count = int(rng.binomial(self.num_clients, self.sampling_rate))
+    chosen = rng.choice(self.num_clients, size=count, replace=False,
+                        shuffle=False)
+    return np.sort(chosen).astype(np.int64)
 
   def __repr__(self) -> str:
     return (f"PoissonSampler(num_clients={self.num_clients}, "
@@ -167,12 +180,21 @@ class ShuffledSampler(UniformSampler):
     round_index = check_int("round_index", round_index, 0)
     return round_index // self.rounds_per_epoch
 
+  def _permutation(self, epoch: int) -> np.ndarray:
+    """Epoch ``epoch``'s permutation of the population, drawn once per
+    epoch (O(N) per epoch, so O(cohort) per round amortised)."""
+    cached = getattr(self, "_cached", None)
+    if cached is None or cached[0] != epoch:
+      rng = _round_rng(self.seed, epoch, _SHUFFLE_SALT)
+      cached = (epoch, rng.permutation(self.num_clients))
+      self._cached = cached
+    return cached[1]
+
   def sample(self, round_index: int) -> np.ndarray:
     """``[cohort_size]`` int64 client positions, distinct, sorted ascending."""
     epoch = self.epoch(round_index)
     position = round_index % self.rounds_per_epoch
-    rng = _round_rng(self.seed, epoch, _SHUFFLE_SALT)
-    permutation = rng.permutation(self.num_clients)
+    permutation = self._permutation(epoch)
     start = position * self.cohort_size
     chosen = permutation[start:start + self.cohort_size]
     return np.sort(chosen).astype(np.int64)

@@ -1,11 +1,13 @@
 """Tests for fedjax_lab.data.sampling."""
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from fedjax_lab.data import sampling
 from fedjax_lab.data.sampling import (PoissonSampler, ScheduleSampler,
                                       ShuffledSampler, UniformSampler,
                                       make_sampler)
@@ -154,6 +156,48 @@ def test_poisson_per_client_inclusion_rate():
   assert chi_square < 86.7, chi_square
 
 
+def test_poisson_cost_does_not_grow_with_the_population():
+  # An O(N) draw at N = 10^8 would allocate ~800 MB (one uniform per
+  # client); the binomial count + subset draw touches O(cohort) memory only.
+  tracemalloc.start()
+  try:
+    cohort = PoissonSampler(10**8, 2e-6, seed=1).sample(7)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert 100 < cohort.size < 320  # Binomial(1e8, 2e-6): mean 200, sd 14
+  _check_cohort(cohort, 10**8)
+  assert peak < 1_000_000, f"peak {peak} bytes"
+
+
+def test_uniform_cost_does_not_grow_with_the_population():
+  tracemalloc.start()
+  try:
+    cohort = UniformSampler(10**8, 1000, seed=3).sample(2)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  _check_cohort(cohort, 10**8)
+  assert cohort.size == 1000
+  assert peak < 1_000_000, f"peak {peak} bytes"
+
+
+def test_poisson_inclusions_are_pairwise_independent():
+  """P(i and j both in) = q^2 for every pair (a fixed-size draw would give
+  q (k - 1) / (N - 1) instead): the pair counts over rounds match q^2."""
+  num_clients, rate, num_rounds = 12, 0.4, 4000
+  sampler = PoissonSampler(num_clients, rate, seed=11)
+  together = np.zeros((num_clients, num_clients))
+  for t in range(num_rounds):
+    member = np.zeros(num_clients)
+    member[sampler.sample(t)] = 1
+    together += np.outer(member, member)
+  pairs = together[np.triu_indices(num_clients, 1)] / num_rounds
+  se = math.sqrt(rate**2 * (1 - rate**2) / num_rounds)
+  assert abs(pairs.mean() - rate**2) < 5 * se / math.sqrt(len(pairs))
+  assert np.max(np.abs(pairs - rate**2)) < 5 * se
+
+
 def test_poisson_can_be_empty_and_full():
   small = PoissonSampler(10, 0.01, seed=0)
   empties = [c for c in (small.sample(t) for t in range(100)) if c.size == 0]
@@ -215,6 +259,23 @@ def test_shuffle_each_client_at_most_once_per_epoch(num_clients, data, seed,
   # Exactly num_clients % cohort_size clients sit the epoch out.
   assert num_clients - len(everyone) == num_clients % cohort_size
   assert all(sampler.epoch(start + r) == epoch for r in range(rounds))
+
+
+def test_shuffle_draws_one_permutation_per_epoch(monkeypatch):
+  sampler = ShuffledSampler(100, 10, seed=4)
+  epochs_drawn = []
+  original = sampling._round_rng
+
+  def counting(seed, index, salt):
+    epochs_drawn.append(index)
+    return original(seed, index, salt)
+
+  monkeypatch.setattr(sampling, "_round_rng", counting)
+  cohorts = [sampler.sample(t) for t in range(25)]  # epochs 0, 1, 2
+  assert epochs_drawn == [0, 1, 2]
+  fresh = ShuffledSampler(100, 10, seed=4)
+  for t in (24, 3, 17, 0):  # any order: still a pure function of the round
+    np.testing.assert_array_equal(fresh.sample(t), cohorts[t])
 
 
 def test_shuffle_deterministic_and_stateless():
