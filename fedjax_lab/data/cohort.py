@@ -251,7 +251,7 @@ def make_cohort(store: ClientStore, client_indices: np.ndarray, *,
         f"[{indices.min()}, {indices.max()}].")
 
   cohort_size = len(indices)
-  sizes = store.client_sizes[indices]
+  sizes = store.sizes_of(indices)
   steps = client_steps(sizes, batch_size, num_epochs, max_steps)
   padded_steps = round_up_to_bucket(int(steps.max(initial=0)), step_buckets)
   padded_clients = round_up_to_bucket(max(cohort_size, min_cohort_size),
@@ -361,7 +361,7 @@ def make_client_eval_batches(
   if padded_clients < num_clients:
     raise ValueError(f"num_padded_clients={padded_clients} < {num_clients} "
                      "clients.")
-  sizes = store.client_sizes[positions]
+  sizes = store.sizes_of(positions)
   num_batches = round_up_to_bucket(
       -(-int(sizes.max(initial=0)) // batch_size))
   slots_per_client = num_batches * batch_size
@@ -397,7 +397,7 @@ def make_round_cohort(store: ClientStore, client_indices: np.ndarray, *,
   stored order.
   """
   client_indices = np.asarray(client_indices, dtype=np.int64)
-  order = np.argsort(-store.client_sizes[client_indices], kind="stable")
+  order = np.argsort(-store.sizes_of(client_indices), kind="stable")
   cohort_buckets = None
   if fixed_cohort_size is not None:
     cohort_buckets = [-(-fixed_cohort_size // cohort_multiple_of) *

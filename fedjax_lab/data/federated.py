@@ -89,6 +89,12 @@ class ClientStore:
     """``[num_clients]`` number of examples of each client."""
     return np.diff(self.offsets)
 
+  def sizes_of(self, indices: np.ndarray) -> np.ndarray:
+    """Example counts of the clients at ``indices``: O(len(indices)), unlike
+    ``client_sizes[indices]`` (which first builds all N counts)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return self.offsets[indices + 1] - self.offsets[indices]
+
   @property
   def num_examples(self) -> int:
     return int(self.offsets[-1])

@@ -61,13 +61,21 @@ class SimulationResult:
   workdir: str
 
 
+# Blocks whose keys depend on a choice (the dataset's load() arguments, the
+# model's, the optimizers' extra optax arguments): checked when the
+# experiment is built, not here.
+_OPEN_BLOCKS = ("data", "model", "client.hparams", "server.hparams")
+
+
 def default_config(**overrides: Any) -> ml_collections.ConfigDict:
   """The base config with ``overrides`` applied; dotted keys reach into
   blocks (``**{"client.learning_rate": 0.05}``).
 
   Raises:
     KeyError: a key the schema does not have (a typo would otherwise be
-      ignored).
+      ignored); ``data.*``, ``model.*`` and the optimizers' ``hparams`` take
+      any key, checked against the chosen dataset / model / optimizer when
+      the experiment is built.
   """
   config = defaults.base_config()
   for dotted, value in overrides.items():
@@ -77,7 +85,7 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
       if name not in block:
         raise KeyError(f"unknown config block {name!r} in {dotted!r}.")
       block = block[name]
-    if leaf not in block:
+    if leaf not in block and ".".join(parents) not in _OPEN_BLOCKS:
       raise KeyError(f"unknown config key {dotted!r}; see "
                      "fedjax_lab/training/setup.py for the schema.")
     block[leaf] = value

@@ -18,6 +18,7 @@ _REGISTRY = {
     "synthetic": "synthetic",
     "mnist": "mnist",
     "digits": "digits",
+    "disk": "disk",
 }
 
 
