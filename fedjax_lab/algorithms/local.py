@@ -19,7 +19,7 @@ Every algorithm's client part is built from these pieces:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -135,9 +135,12 @@ def server_opt_update(server_optimizer: optax.GradientTransformation,
                             "aggregate_delta_norm": update_norm}
 
 
-def _over_clients(fn, in_axes, num_clients: int):
-  """``jax.vmap(fn, in_axes)``; for one client, ``fn`` on the squeezed client
-  (as the engine runs a group of one)."""
+def over_clients(fn: Callable[..., Any], in_axes: Sequence[int | None],
+                 num_clients: int) -> Callable[..., Any]:
+  """``jax.vmap(fn, in_axes)`` over ``num_clients`` clients; for one client,
+  ``fn`` on the squeezed client with the axis put back (a vmap over one
+  client still costs ~1.5x on XLA:CPU). The engine's client groups use it
+  too."""
   if num_clients != 1:
     return jax.vmap(fn, in_axes=in_axes)
 
@@ -173,11 +176,11 @@ def train_clients(model: model_base.Model,
   @jax.jit
   def run(params, features, mask, client_indices):
     num_clients, num_steps = mask.shape[:2]
-    step = _over_clients(masked_step, (0, 0, 0), num_clients)
+    step = over_clients(masked_step, (0, 0, 0), num_clients)
     round_rng = jax.random.fold_in(rng, jnp.zeros([], jnp.int32))
     rngs = jax.vmap(lambda i: jax.random.fold_in(round_rng, i))(
         client_indices)
-    carry = _over_clients(init, (None, 0), num_clients)(params, rngs)
+    carry = over_clients(init, (None, 0), num_clients)(params, rngs)
 
     def body(carry, s):
       take = lambda a: jax.lax.dynamic_index_in_dim(a, s, 1, keepdims=False)

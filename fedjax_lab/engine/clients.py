@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.extend import core as jax_core
 
 from fedjax_lab.algorithms import base
+from fedjax_lab.algorithms import local
 from fedjax_lab.privacy import refusals
 
 PyTree = Any
@@ -104,20 +105,6 @@ def masked_step(algorithm: base.FederatedAlgorithm):
   return step
 
 
-def _over_group(fn, in_axes, group_size: int):
-  """``jax.vmap(fn, in_axes)``, or for a group of one, ``fn`` on the squeezed
-  client (a vmap over one client still costs ~1.5x on XLA:CPU)."""
-  if group_size != 1:
-    return jax.vmap(fn, in_axes=in_axes)
-
-  def single(*args):
-    args = [a if axis is None else jax.tree.map(lambda x: x[0], a)
-            for a, axis in zip(args, in_axes)]
-    return jax.tree.map(lambda x: x[None], fn(*args))
-
-  return single
-
-
 def group_fn(algorithm: base.FederatedAlgorithm, step_loop: str,
              max_unroll_steps: int):
   """Trains a group of G clients together (vmapped), steps in a loop.
@@ -135,7 +122,7 @@ def group_fn(algorithm: base.FederatedAlgorithm, step_loop: str,
   def run_group(broadcast, agg_state, round_rng, noise_round_rng,
                 client_states, features, mask, num_examples, client_indices):
     group_size = mask.shape[0]
-    step = _over_group(step_fn, (0, 0, 0), group_size)
+    step = local.over_clients(step_fn, (0, 0, 0), group_size)
     algorithm_states, aggregation_states = split_states(algorithm,
                                                         client_states)
 
@@ -144,7 +131,7 @@ def group_fn(algorithm: base.FederatedAlgorithm, step_loop: str,
                           carry, batch, step_mask)
 
     rngs = client_rngs(round_rng, client_indices)
-    carry = _over_group(algorithm.client_init, (None, 0, 0), group_size)(
+    carry = local.over_clients(algorithm.client_init, (None, 0, 0), group_size)(
         broadcast, algorithm_states, rngs)
 
     def at_step(s):
@@ -162,7 +149,7 @@ def group_fn(algorithm: base.FederatedAlgorithm, step_loop: str,
     finish = lambda c, n, r, p, a: finish_client(algorithm, broadcast,
                                                  agg_state, c, n, r, p, a)
     noise_rngs = client_rngs(noise_round_rng, client_indices)
-    return _over_group(finish, (0, 0, 0, 0, 0), group_size)(
+    return local.over_clients(finish, (0, 0, 0, 0, 0), group_size)(
         carry, num_examples, noise_rngs, rngs, aggregation_states)
 
   return run_group

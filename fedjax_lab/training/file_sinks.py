@@ -1,8 +1,9 @@
 """The file-format sinks: JSON lines (``metrics.jsonl``) and CSV.
 
 Also the record conventions every sink shares: the step key (``round``),
-reading a stored round number, matching a sink's leading rounds with a
-history, and replacing a file atomically. The interface, the resume rules and
+reading a stored round number, and matching a sink's leading rounds with a
+history (files are replaced with :func:`metrics_io.atomic_write`). The
+interface, the resume rules and
 :func:`~fedjax_lab.training.sinks.open_writers` are in
 :mod:`fedjax_lab.training.sinks`; TensorBoard and W&B in
 :mod:`fedjax_lab.training.dashboard_sinks`.
@@ -20,22 +21,6 @@ from typing import Any, Mapping, Sequence
 from fedjax_lab.training import metrics_io
 
 STEP_KEY = "round"
-
-
-def replace_file(path: str, text: str) -> None:
-  """Replaces ``path``'s content atomically; on failure (e.g. a full disk)
-  the old file is left as it was and the temporary file removed."""
-  tmp = f"{path}.tmp"
-  try:
-    with open(tmp, "w", newline="") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def round_of(value: Any) -> float:
@@ -97,7 +82,8 @@ class JsonlWriter(metrics_io.JsonlWriter):
           history)
       kept = ([line for _, line, _ in entries[:n]] +
               [metrics_io.record_line(dict(r)) for r in history[n:]])
-    replace_file(self.path, "".join(kept))
+    with metrics_io.atomic_write(self.path) as f:
+      f.write("".join(kept))
     self._file = open(self.path, "a")
 
 
@@ -139,7 +125,8 @@ class CsvWriter:
       writer.writerows(self._rows)
     if self._file is not None:
       self._file.close()
-    replace_file(self.path, text.getvalue())
+    with metrics_io.atomic_write(self.path) as f:
+      f.write(text.getvalue())
     self._file = open(self.path, "a", newline="")
 
   def _add_row(self, record: Mapping[str, Any]) -> dict[str, str]:

@@ -8,10 +8,11 @@ tear the last line, which :func:`read_jsonl` drops when asked to.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from typing import Any
+from typing import IO, Any, Iterator
 
 
 class MetricsFileError(ValueError):
@@ -39,17 +40,18 @@ def _clean(value: Any) -> Any:
   return value
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON atomically (synced temp file + rename).
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w") -> Iterator[IO[Any]]:
+  """Yields a file that replaces ``path`` atomically when the block ends.
 
-  On failure the previous file at ``path`` is untouched and the temporary
-  file is removed.
+  It writes ``path.tmp``, syncs it and renames it over ``path``. On any
+  failure (e.g. a full disk) the previous file at ``path`` is left as it was
+  and the temporary file is removed. Text mode writes newlines unchanged.
   """
   tmp = f"{path}.tmp"
   try:
-    with open(tmp, "w") as f:
-      json.dump(_clean(obj), f, indent=2, sort_keys=True)
-      f.write("\n")
+    with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -57,6 +59,13 @@ def write_json(path: str, obj: Any) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON atomically (:func:`atomic_write`)."""
+  with atomic_write(path) as f:
+    json.dump(_clean(obj), f, indent=2, sort_keys=True)
+    f.write("\n")
 
 
 def record_line(record: dict[str, Any]) -> str:

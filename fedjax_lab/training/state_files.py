@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab.training import metrics_io
+
 PyTree = Any
 
 
@@ -40,17 +42,8 @@ def save_pytree(path: str, tree: PyTree) -> str:
   directory = os.path.dirname(path)
   if directory:
     os.makedirs(directory, exist_ok=True)
-  tmp_path = path + ".tmp"
-  try:
-    with open(tmp_path, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  with metrics_io.atomic_write(path, "wb") as f:
+    np.savez(f, **arrays)
   return path
 
 
