@@ -2,8 +2,6 @@
 without DP, and is what the config, the plan and the accountant raise."""
 
 import dataclasses
-import os
-import sys
 
 import pytest
 
@@ -11,25 +9,12 @@ from fedjax_lab import algorithms
 from fedjax_lab.algorithms import compression
 from fedjax_lab.privacy import accounting, mechanisms, plan, refusals
 from fedjax_lab.training import setup
+from tests.config_helpers import tiny_config as _config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 # Options that make an algorithm's option-dependent refusal apply.
 OPTION_TRIGGERS = {"fedprox": {"adaptive_mu": True}, "mime": {},
                    "hypcluster": {"init": "kmeans"}}
 ROWS = refusals.table()
-
-
-def _config(name, **overrides):
-  sys.path.insert(0, ROOT)
-  config = __import__(f"configs.{name}",
-                      fromlist=["get_config"]).get_config("tiny")
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
 
 
 def _context(algorithm: str, **options):

@@ -1,6 +1,5 @@
 """Tests for fedjax_lab.privacy.tree_noise (the tree mechanism's node noise,
-prefix sums and increments), through the names fedjax_lab.privacy.tree
-re-exports.
+prefix sums and increments).
 
 The statistical checks use fixed seeds (so they cannot flake) and many i.i.d.
 coordinates; tolerances are 6 standard errors of the estimator, far below the

@@ -1,8 +1,6 @@
 """Every algorithm from a config through setup: refusals, client states, DP
 composition, local schedules, evaluators."""
 
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -10,21 +8,7 @@ import pytest
 from fedjax_lab import algorithms
 from fedjax_lab.algorithms import agnostic
 from fedjax_lab.training import loop, metrics_io, setup
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-
-
-def _config(name, **overrides):
-  sys.path.insert(0, ROOT)
-  config = __import__(f"configs.{name}",
-                      fromlist=["get_config"]).get_config("tiny")
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+from tests.config_helpers import tiny_config as _config
 
 
 def _private(config, mechanism="gaussian"):

@@ -1,0 +1,23 @@
+"""A repository config shrunk for tests, shared by the test packages."""
+
+import os
+import sys
+
+import ml_collections
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """``configs/<name>.py``'s ``:tiny`` config with dotted-key ``overrides``
+  (``**{"privacy.mechanism": "gaussian"}``)."""
+  sys.path.insert(0, ROOT)
+  config = __import__(f"configs.{name}",
+                      fromlist=["get_config"]).get_config("tiny")
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
