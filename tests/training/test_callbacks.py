@@ -126,10 +126,13 @@ def test_a_failing_callback_closes_every_callback_and_keeps_checkpoints(
 def test_a_user_key_in_a_dp_run_is_withheld_unless_labelled(tmp_path):
   for release, workdir in ((False, tmp_path / "default"),
                            (True, tmp_path / "diagnostics")):
-    loop.run_experiment(
+    summary = loop.run_experiment(
         setup.build_experiment(_config(release_diagnostics=release)),
         str(workdir), show_progress=False, callbacks=[_Recorder()])
     records = _records(workdir)
+    # The strategy report depends on the padded step count (data sizes).
+    assert "strategy_effective" not in summary
+    assert ("diagnostic/strategy_effective" in summary) == release
     assert all("user_statistic" not in r for r in records)
     labelled = [r.get("diagnostic/user_statistic") for r in records]
     assert labelled == ([1.0] * 3 if release else [None] * 3)
