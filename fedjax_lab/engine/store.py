@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fedjax_lab.engine.disk_states import DiskClientStates
+
 PyTree = Any
 
 
@@ -38,22 +40,36 @@ def stack_client_states(template: PyTree, num_clients: int) -> PyTree:
       template)
 
 
-def gather_client_states(states: PyTree, client_indices: np.ndarray) -> PyTree:
-  """Rows of host-side stacked per-client states for a cohort (pads get row 0)."""
+def gather_client_states(states: PyTree | DiskClientStates,
+                         client_indices: np.ndarray) -> PyTree:
+  """Rows of host-side stacked per-client states for a cohort (pads get row
+  0); a :class:`DiskClientStates` reads its rows from disk (same rules)."""
+  if isinstance(states, DiskClientStates):
+    return states.gather(client_indices)
   rows = np.maximum(client_indices, 0)
   return jax.tree.map(lambda s: np.asarray(s)[rows], states)
 
 
-def scatter_client_states(states: PyTree, client_indices: np.ndarray,
-                          updated: PyTree, in_place: bool = False) -> PyTree:
+def scatter_client_states(states: PyTree | DiskClientStates,
+                          client_indices: np.ndarray, updated: PyTree,
+                          in_place: bool = False
+                          ) -> PyTree | DiskClientStates:
   """Writes a cohort's new client states back into the stacked host states.
 
   By default the store is copied first (the input is left as it was). With
   ``in_place`` the rows are written into the given (writable numpy) arrays,
   so a round costs O(cohort) host memory traffic instead of O(population):
   what a runner that owns its store wants. Padding clients (index -1) are
-  never written.
+  never written. A :class:`DiskClientStates` is always written in place
+  (journaled, see :meth:`DiskClientStates.scatter`) and returned; it needs
+  ``in_place=True`` (it cannot be copied).
   """
+  if isinstance(states, DiskClientStates):
+    if not in_place:
+      raise ValueError("a DiskClientStates is written in place: pass "
+                       "in_place=True to scatter_client_states")
+    states.scatter(client_indices, updated)
+    return states
   real = client_indices >= 0
 
   def put(all_rows, new_rows):
