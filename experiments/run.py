@@ -37,11 +37,40 @@ except Exception as e:  # pylint: disable=broad-except
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder (default: a new runs/<config>-<time>).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 1,
+    "Processes the run spans (jax.distributed). Without --process_id this "
+    "command starts them all on this machine (CPU: gloo collectives) and "
+    "they behave as one run.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None,
+    "This process's id in [0, num_processes) when each host starts its own "
+    "process (a cluster job); process 0 writes the workdir.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's coordinator (with --process_id); default: "
+    "the JAX_COORDINATOR_ADDRESS environment variable or the cluster's.")
 
 
 def main(argv: Sequence[str]) -> None:
   """Builds the experiment the flags describe, runs it, reports it."""
   cli.reject_extra_args(argv)
+  if _NUM_PROCESSES.value < 1:
+    cli.fail("--num_processes must be >= 1.", 2)
+  if _NUM_PROCESSES.value > 1 and _PROCESS_ID.value is None:
+    from experiments.lib import launcher  # pylint: disable=g-import-not-at-top
+    workdir = _WORKDIR.value or cli.default_workdir(
+        flags.FLAGS["config"].config_filename)
+    sys.exit(launcher.launch(sys.argv, _NUM_PROCESSES.value, workdir))
+  coordinator = True
+  if _NUM_PROCESSES.value > 1 or _PROCESS_ID.value is not None:
+    from fedjax_lab.engine import distributed  # pylint: disable=g-import-not-at-top
+    try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                             _PROCESS_ID.value)
+    except ValueError as e:
+      cli.fail(str(e), 2)
+    coordinator = distributed.is_coordinator()
   # Imported here so --help stays fast.
   from fedjax_lab.training import api, setup  # pylint: disable=g-import-not-at-top
 
@@ -57,15 +86,17 @@ def main(argv: Sequence[str]) -> None:
   workdir = _WORKDIR.value or cli.default_workdir(
       flags.FLAGS["config"].config_filename)
   experiment = cli.build_experiment_or_exit(config)
-  print(f"dataset: {json.dumps(experiment.dataset.summary())}",
-        file=sys.stderr)
-  print(f"strategy: {experiment.strategy.label} on "
-        f"{setup.describe_devices()}; workdir: {workdir}", file=sys.stderr)
+  if coordinator:
+    print(f"dataset: {json.dumps(experiment.dataset.summary())}",
+          file=sys.stderr)
+    print(f"strategy: {experiment.strategy.label} on "
+          f"{setup.describe_devices()}; workdir: {workdir}", file=sys.stderr)
   with cli.run_errors_exit():
     summary = api.simulate(experiment, workdir=workdir,
                            show_progress=_PROGRESS.value).summary
-  print(cli.run_report(summary, workdir), file=sys.stderr, flush=True)
-  print(json.dumps(summary))
+  if coordinator:
+    print(cli.run_report(summary, workdir), file=sys.stderr, flush=True)
+    print(json.dumps(summary))
 
 
 def run_program() -> None:

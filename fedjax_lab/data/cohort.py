@@ -23,7 +23,7 @@ built per cohort and each feature is gathered once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -134,6 +134,9 @@ class CohortBatch:
       round; 0 for padding clients.
     client_indices: int64 ``[C]``; store positions, -1 for padding clients.
     num_steps: int32 ``[C]``; real local steps per client (0 for padding).
+    padded_cohort_size: ``C`` of the whole cohort: the leading size of the
+      arrays, except in one process's share (``client_rows``), which holds
+      fewer rows.
   """
 
   features: dict[str, np.ndarray]
@@ -142,6 +145,12 @@ class CohortBatch:
   num_examples: np.ndarray
   client_indices: np.ndarray
   num_steps: np.ndarray
+  padded_cohort_size: int = -1
+
+  def __post_init__(self):
+    if self.padded_cohort_size < 0:
+      object.__setattr__(self, "padded_cohort_size",
+                         int(self.client_mask.shape[0]))
 
   @property
   def cohort_size(self) -> int:
@@ -206,7 +215,10 @@ def make_cohort(store: ClientStore, client_indices: np.ndarray, *,
                 cohort_buckets: Sequence[int] | None = None,
                 cohort_multiple_of: int = 1,
                 min_cohort_size: int = 0,
-                shuffle: bool = True) -> CohortBatch:
+                shuffle: bool = True,
+                client_rows: (tuple[int, int] |
+                              Callable[[int], tuple[int, int]] | None) = None
+                ) -> CohortBatch:
   """Builds the padded ``[C, S, B, ...]`` batch for one round.
 
   Args:
@@ -225,11 +237,17 @@ def make_cohort(store: ClientStore, client_indices: np.ndarray, *,
       cohort size, to keep ``C`` stable across rounds).
     shuffle: shuffle each client's examples every epoch (``False``: every
       epoch walks the client's rows in stored order).
+    client_rows: ``(start, stop)``: build only these rows of the padded
+      client axis (one process's share of a cohort sharded over processes;
+      the padded shape still comes from the whole cohort's sizes, so every
+      process agrees on it). Only these rows' data is read. A callable gets
+      the padded cohort size ``C`` and returns the rows.
 
   Returns:
     A :class:`CohortBatch` with ``C = round_up_to_bucket(max(K,
     min_cohort_size), cohort_buckets, cohort_multiple_of)`` and ``S =
-    round_up_to_bucket(max steps, step_buckets)``.
+    round_up_to_bucket(max steps, step_buckets)`` (``stop - start`` rows
+    with ``client_rows``).
   """
   _check_positive("batch_size", batch_size)
   if seed < 0 or round_index < 0:
@@ -257,7 +275,20 @@ def make_cohort(store: ClientStore, client_indices: np.ndarray, *,
   padded_clients = round_up_to_bucket(max(cohort_size, min_cohort_size),
                                       cohort_buckets, cohort_multiple_of)
   slots_per_client = padded_steps * batch_size
-  num_slots = padded_clients * slots_per_client
+
+  if callable(client_rows):
+    client_rows = client_rows(padded_clients)
+  row_start, row_stop = client_rows or (0, padded_clients)
+  if not 0 <= row_start <= row_stop <= padded_clients:
+    raise ValueError(f"client_rows {client_rows} is not within the padded "
+                     f"cohort [0, {padded_clients}).")
+  real_stop = min(row_stop, cohort_size)
+  real_start = min(row_start, real_stop)
+  indices, sizes, steps = (a[real_start:real_stop]
+                           for a in (indices, sizes, steps))
+  num_real = real_stop - real_start
+  num_rows = row_stop - row_start
+  num_slots = num_rows * slots_per_client
 
   # Real examples per client this round: the stream is num_epochs * n_k long
   # but is cut at steps * B when max_steps caps it.
@@ -270,28 +301,29 @@ def make_cohort(store: ClientStore, client_indices: np.ndarray, *,
   local_rows = (np.concatenate(local_rows) if local_rows
                 else np.zeros([0], np.int64))
   positions = _segment_positions(stream_lengths)
-  owner = np.repeat(np.arange(cohort_size, dtype=np.int64), stream_lengths)
+  owner = np.repeat(np.arange(num_real, dtype=np.int64), stream_lengths)
   rows = np.repeat(store.offsets[indices], stream_lengths) + local_rows
   destinations = owner * slots_per_client + positions
 
-  shape = (padded_clients, padded_steps, batch_size)
+  shape = (num_rows, padded_steps, batch_size)
   features = _gather_padded(dict(store.features), rows, destinations,
                             num_slots, shape)
   example_mask = np.zeros(num_slots, np.float32)
   example_mask[destinations] = 1.0
 
   def padded(values: np.ndarray, dtype, fill) -> np.ndarray:
-    out = np.full([padded_clients], fill, dtype)
-    out[:cohort_size] = values
+    out = np.full([num_rows], fill, dtype)
+    out[:num_real] = values
     return out
 
   return CohortBatch(
       features=features,
       example_mask=example_mask.reshape(shape),
-      client_mask=padded(np.ones(cohort_size), np.float32, 0),
+      client_mask=padded(np.ones(num_real), np.float32, 0),
       num_examples=padded(sizes, np.float32, 0),
       client_indices=padded(indices, np.int64, -1),
       num_steps=padded(steps, np.int32, 0),
+      padded_cohort_size=padded_clients,
   )
 
 
@@ -384,7 +416,11 @@ def make_round_cohort(store: ClientStore, client_indices: np.ndarray, *,
                       fixed_cohort_size: int | None = None,
                       cohort_multiple_of: int = 1,
                       step_buckets: Sequence[int] | None = None,
-                      shuffle: bool = True) -> CohortBatch:
+                      shuffle: bool = True,
+                      client_rows: (tuple[int, int] |
+                                    Callable[[int], tuple[int, int]] |
+                                    None) = None
+                      ) -> CohortBatch:
   """The cohort of a training round, as the runner (and the benchmark) builds it.
 
   Clients are ordered largest first, so a chunk of similar clients stops
@@ -394,7 +430,8 @@ def make_round_cohort(store: ClientStore, client_indices: np.ndarray, *,
   are padded to the geometric bucket series unless ``step_buckets`` is given
   (:func:`fixed_step_padding` gives one bucket that fits every client, so a
   run compiles once); ``shuffle=False`` batches each client's examples in
-  stored order.
+  stored order. ``client_rows`` builds one process's rows only
+  (:func:`make_cohort`).
   """
   client_indices = np.asarray(client_indices, dtype=np.int64)
   order = np.argsort(-store.sizes_of(client_indices), kind="stable")
@@ -406,7 +443,8 @@ def make_round_cohort(store: ClientStore, client_indices: np.ndarray, *,
                      num_epochs=num_epochs, max_steps=max_steps, seed=seed,
                      round_index=round_index, cohort_buckets=cohort_buckets,
                      cohort_multiple_of=cohort_multiple_of,
-                     step_buckets=step_buckets, shuffle=shuffle)
+                     step_buckets=step_buckets, shuffle=shuffle,
+                     client_rows=client_rows)
 
 
 def fixed_step_padding(store: ClientStore, batch_size: int,

@@ -211,7 +211,16 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     fn = build_host_loop_round(algorithm, donate, trace_counter, shard,
                                origins)
   else:
-    fn = jax.jit(round_fn, donate_argnums=(0, 2) if donate else ())
+    out_shardings = None
+    if mesh is not None:
+      # The server state and metrics replicated, the client states sharded
+      # like the cohort: what the next round (and other processes) take.
+      replicated = NamedSharding(mesh, PartitionSpec())
+      out_shardings = (replicated,
+                       NamedSharding(mesh, PartitionSpec("clients")),
+                       replicated)
+    fn = jax.jit(round_fn, donate_argnums=(0, 2) if donate else (),
+                 out_shardings=out_shardings)
   fn.trace_count = lambda: trace_counter[0]
   fn.metric_origins = lambda: dict(origins)
   return fn

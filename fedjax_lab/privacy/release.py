@@ -58,7 +58,8 @@ _HOST_KEYS = {
     # of steps and the realised (bucketed) cohort size.
     "cohort_padded_size": DIAGNOSTIC, "local_steps_padded": DIAGNOSTIC,
     # Wall-clock time of a round grows with the cohort's data.
-    "seconds": DIAGNOSTIC,
+    "seconds": DIAGNOSTIC, "host_prepare_seconds": DIAGNOSTIC,
+    "host_wait_seconds": DIAGNOSTIC,
 }
 # Metrics of DP aggregators' finalize steps that may be released; every other
 # aggregator metric (e.g. the norm of the un-noised clipped sum and the

@@ -37,6 +37,7 @@ from fedjax_lab.evaluation.central import build_evaluator
 from fedjax_lab.engine import strategy as strategy_lib
 from fedjax_lab.privacy import accounting
 from fedjax_lab.training import privacy_run
+from fedjax_lab.training import client_state_store as state_store
 from fedjax_lab.training import sinks
 from fedjax_lab.training import workdir as workdir_lib
 from fedjax_lab.training.setup import Experiment
@@ -288,8 +289,10 @@ class Checkpointing(Callback):
     if run.accountant is not None and run.rounds_done:
       record["epsilon"] = run.accountant.epsilon(run.rounds_done)
     record.update(run.private.checkpoint_fields())
-    self.checkpoints.save(run.rounds_done,
-                          (run.server_state, run.client_states), record)
+    state, store_fields = state_store.checkpoint_state(
+        run.server_state, run.client_states, run.rounds_done)
+    record.update(store_fields)
+    self.checkpoints.save(run.rounds_done, state, record)
 
   def after_round(self, run: RunState) -> None:
     if self.every and run.rounds_done % self.every == 0:

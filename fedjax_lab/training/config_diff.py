@@ -36,7 +36,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
 # Keys added to the schema after runs were started, with the value that
 # reproduces what those runs did: a saved config without the key resumes
 # under a current config holding this value.
-ADDED_KEYS = {"client.shuffle": True, "client.step_padding": "bucketed"}
+ADDED_KEYS = {"client.shuffle": True, "client.step_padding": "bucketed",
+              "client_state_store": "memory"}
 
 
 def _algorithm_block(name: Any) -> str | None:

@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   # metrics.jsonl ("csv", "tensorboard", "wandb").
   config.checkpoint_every = 25
   config.checkpoints_to_keep = 3
+  # Per-client states (SCAFFOLD, error feedback): "memory", or "disk"
+  # (memory-mapped in workdir/client_states, O(cohort) per round, never
+  # copied whole into a checkpoint; for very large populations).
+  config.client_state_store = "memory"
   config.metrics_sinks = "csv,tensorboard"
   config.wandb_project = "fedjax_lab"
   config.strategy = "auto"

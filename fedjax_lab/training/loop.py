@@ -17,6 +17,7 @@ the ones an uninterrupted run produces.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -33,11 +34,14 @@ import numpy as np
 from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data import sampling
 from fedjax_lab.data.prefetch import Prefetcher
+from fedjax_lab.engine import distributed
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.privacy import accounting
 from fedjax_lab.training import callbacks as callbacks_lib
+from fedjax_lab.training import client_state_store as state_store
 from fedjax_lab.training import metrics_io
 from fedjax_lab.training import privacy_run
+from fedjax_lab.training import processes
 from fedjax_lab.training import setup
 from fedjax_lab.training import state_files
 from fedjax_lab.training import workdir as workdir_lib
@@ -125,7 +129,9 @@ def run_experiment(exp: Experiment, workdir: str,
       writable directory, or the disk filled up (what was written is kept;
       re-run to resume).
   """
-  with workdir_lib.locked(workdir):
+  lock = (workdir_lib.locked(workdir) if distributed.is_coordinator()
+          else contextlib.nullcontext())
+  with lock:
     return _run_experiment(exp, workdir, show_progress, callbacks)
 
 
@@ -137,29 +143,50 @@ def initial_server_state(exp: Experiment) -> Any:
   return exp.algorithm.server_init(params)
 
 
-def _open_run(exp: Experiment, workdir: str
-              ) -> tuple[callbacks_lib.RunState, workdir_lib.RunCheckpoints]:
+def _open_run(exp: Experiment, workdir: str, group: processes.ProcessGroup
+              ) -> tuple[callbacks_lib.RunState,
+                         workdir_lib.RunCheckpoints | None]:
   """Initialises the states, opens or resumes ``workdir``, starts the
-  privacy bookkeeping; returns the run's state and its checkpoints."""
+  privacy bookkeeping; returns the run's state and its checkpoints (None on
+  a process other than the coordinator, which writes nothing)."""
   config = exp.config
   privacy = exp.privacy
   config_dict = privacy_run.resolved_config(
       json.loads(config.to_json_best_effort()), privacy)
   server_state = initial_server_state(exp)
   params = server_state.params
-  num_clients = exp.dataset.train.num_clients
-  if exp.client_states_init is not None:
-    client_states = exp.client_states_init(params, num_clients)
-  else:
-    client_states = round_lib.stack_client_states(
-        exp.algorithm.client_state_init(params), num_clients)
+  disk = state_store.on_disk(exp)
+  if group.multiprocess:
+    state_store.refuse_across_processes(exp)
+  client_states = None if disk else state_store.initial_states(exp, params)
   accountant = None
   if privacy is not None:
     accountant = accounting.RoundAccountant(privacy.spec, privacy.delta)
-  checkpoints, start_round, restored, saved = workdir_lib.open_or_resume(
-      workdir, config_dict, (server_state, client_states),
-      checkpoints_to_keep=config.get("checkpoints_to_keep", 3),
-      accountant=accountant)
+  checkpoints, start_round, restored, saved = None, 0, None, {}
+  keep = config.get("checkpoints_to_keep", 3)
+  if group.coordinator:
+    checkpoints, start_round, restored, saved = workdir_lib.open_or_resume(
+        workdir, config_dict, (server_state, client_states),
+        checkpoints_to_keep=keep, accountant=accountant)
+    if disk:
+      try:
+        client_states = state_store.open_disk_store(
+            exp, workdir, params, saved if restored is not None else None,
+            keep)
+      except BaseException:
+        checkpoints.close()
+        raise
+      if restored is not None:
+        restored = (restored[0], client_states)
+  if group.multiprocess:
+    # The coordinator alone reads the workdir; the others start from what
+    # it found (the checkpoint record carries the secret seed).
+    shared = group.agree({"start_round": start_round, "saved": saved,
+                          "restored": restored is not None})
+    start_round, saved = shared["start_round"], shared["saved"]
+    if shared["restored"]:
+      restored = group.agree_state(
+          restored if group.coordinator else (server_state, client_states))
   if restored is not None:
     server_state, client_states = restored
   try:
@@ -168,8 +195,14 @@ def _open_run(exp: Experiment, workdir: str
         checkpoint_record=saved if restored is not None else None,
         accountant=accountant)
   except privacy_run.MissingSecretError as e:
-    checkpoints.close()
+    if checkpoints is not None:
+      checkpoints.close()
     raise workdir_lib.ResumeError(f"{workdir}: {e}") from None
+  if group.multiprocess and private.seed is not None:
+    # One secret seed for the run: every process draws the same noise and
+    # samples the same cohorts.
+    private = dataclasses.replace(
+        private, seed=distributed.broadcast_int(private.seed))
   run = callbacks_lib.RunState(
       experiment=exp, workdir=workdir, config_dict=config_dict,
       private=private, accountant=accountant, start_round=start_round,
@@ -197,23 +230,41 @@ def _first_stop(callbacks: Sequence[callbacks_lib.Callback],
   return next((reason for reason in reasons if reason), None)
 
 
+def _agreed_stop(callbacks: Sequence[callbacks_lib.Callback],
+                 run: callbacks_lib.RunState, stop_requests: Sequence[str],
+                 group: processes.ProcessGroup) -> tuple[str | None,
+                                                         str | None]:
+  """``(stop reason, signal received)`` as the coordinator sees them, on
+  every process (the others run no callbacks and follow it)."""
+  decision = group.agree([_first_stop(callbacks, run),
+                          stop_requests[0] if stop_requests else None])
+  return decision[0], decision[1]
+
+
 def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
                     extra_callbacks: Sequence[callbacks_lib.Callback]
                     ) -> dict[str, Any]:
-  """:func:`run_experiment` while holding ``workdir``'s lock."""
+  """:func:`run_experiment` while holding ``workdir``'s lock (the
+  coordinator's; other processes of a multi-process run write nothing)."""
   config = exp.config
-  run, checkpoints = _open_run(exp, workdir)
+  mesh = None
+  if config.get("shard_clients", True) and jax.device_count() > 1:
+    mesh = round_lib.client_mesh()
+  group = processes.ProcessGroup(mesh)
+  run, checkpoints = _open_run(exp, workdir, group)
   private, accountant = run.private, run.accountant
-  try:
-    callbacks = callbacks_lib.default_callbacks(exp, run, checkpoints,
-                                  show_progress=show_progress,
-                                  extra=extra_callbacks)
-  except BaseException:
-    checkpoints.close()
-    raise
-  checkpointing = next(c for c in callbacks
-                       if isinstance(c, callbacks_lib.Checkpointing))
-  if private.private:
+  callbacks: list[callbacks_lib.Callback] = []
+  if group.coordinator:
+    try:
+      callbacks = callbacks_lib.default_callbacks(
+          exp, run, checkpoints, show_progress=show_progress,
+          extra=extra_callbacks)
+    except BaseException:
+      checkpoints.close()
+      raise
+  checkpointing = next((c for c in callbacks
+                        if isinstance(c, callbacks_lib.Checkpointing)), None)
+  if private.private and group.coordinator:
     print(private.report(config.num_rounds), file=sys.stderr)
   # A DP run samples its cohorts with the secret seed (amplification by
   # sampling assumes nobody knows who was sampled).
@@ -222,23 +273,25 @@ def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
              if private.private else exp.sampler)
   noise_rng = private.noise_key()
 
-  mesh = None
-  if config.get("shard_clients", True) and jax.device_count() > 1:
-    mesh = round_lib.client_mesh()
   round_fn = round_lib.build_round(exp.algorithm, exp.strategy, mesh=mesh)
   round_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  round_rng, noise_rng = group.replicate((round_rng, noise_rng))
+  device_server_state = group.replicate(run.server_state)
   train = exp.dataset.train
   client = config.client
   fixed_cohort_size = _fixed_cohort_size(config, sampler)
+  client_rows = group.client_rows()
 
   def produce(round_index: int):
+    prepare_start = time.perf_counter()
     batch = cohort_lib.make_round_cohort(
         train, sampler.sample(round_index), batch_size=client.batch_size,
         num_epochs=exp.local_epochs, max_steps=exp.local_max_steps,
         seed=config.seed, round_index=round_index,
         fixed_cohort_size=fixed_cohort_size,
         cohort_multiple_of=mesh.size if mesh is not None else 1,
-        step_buckets=exp.step_buckets, shuffle=exp.shuffle_local_data)
+        step_buckets=exp.step_buckets, shuffle=exp.shuffle_local_data,
+        client_rows=client_rows)
     if accountant is not None:
       # Off the critical path: this runs in the prefetch thread while the
       # device trains the previous round (the loop needs epsilon after this
@@ -246,60 +299,74 @@ def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
       for rounds in (round_index + 1, round_index + 2):
         if rounds <= config.num_rounds:
           accountant.epsilon(rounds)
-    return round_lib.cohort_arrays(batch)
+    return (round_lib.cohort_arrays(batch), batch.padded_cohort_size,
+            time.perf_counter() - prepare_start)
 
   try:
     for callback in callbacks:
       callback.on_start(run)
     run.started = time.perf_counter()
-    run.stop_reason = _first_stop(callbacks, run)
+    run.stop_reason, _ = _agreed_stop(callbacks, run, (), group)
     rounds = range(run.start_round,
                    run.start_round if run.stop_reason else config.num_rounds)
     with _stop_requests() as stop_requests, Prefetcher(
         produce, rounds) as prefetcher:
-      for round_index, cohort in prefetcher:
+      while True:
+        wait_start = time.perf_counter()
+        try:
+          round_index, (cohort, padded_size, prepare_s) = next(prefetcher)
+        except StopIteration:
+          break
         round_start = time.perf_counter()
-        gathered = round_lib.gather_client_states(run.client_states,
-                                                  cohort["client_indices"])
-        server_state, new_states, metrics = round_fn(
-            run.server_state, round_lib.place_cohort(cohort, mesh), gathered,
-            round_rng, noise_rng)
+        placed, gathered = group.round_inputs(cohort, padded_size,
+                                              run.client_states)
+        device_server_state, new_states, metrics = round_fn(
+            device_server_state, placed, gathered, round_rng, noise_rng)
         metrics = _to_python(metrics)
-        run.server_state = server_state
+        run.server_state = group.host_server_state(device_server_state)
         run.metric_origins = round_fn.metric_origins()
         run.record = {
             "round": round_index + 1, **metrics,
-            "cohort_padded_size": int(cohort["client_mask"].shape[0]),
+            "cohort_padded_size": int(padded_size),
             "local_steps_padded": int(cohort["example_mask"].shape[1]),
             **private.round_metrics(round_index),
-            "seconds": time.perf_counter() - round_start}
+            "seconds": time.perf_counter() - round_start,
+            # Host work: building this cohort (in the background, overlapped
+            # with the previous round) and the part the loop waited for.
+            "host_prepare_seconds": prepare_s,
+            "host_wait_seconds": round_start - wait_start}
         if _diverged(metrics, private):
           for callback in callbacks:
             callback.on_diverged(run)
-          kept = checkpoints.steps()
+          kept = checkpoints.steps() if checkpoints is not None else []
           raise DivergedError(
               f"round {round_index + 1}: " + _divergence(metrics, private) +
               "; training diverged. Lower client.learning_rate or "
               "server.learning_rate. Metrics up to here are in "
               f"{os.path.join(workdir, 'metrics.jsonl')}; " + (
                   f"the last good checkpoint (round {kept[-1]}) is kept in "
-                  f"{checkpoints.directory}." if kept else
-                  "no checkpoint was written yet."))
+                  f"{os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)}."
+                  if kept else "no checkpoint was written yet."))
+        new_states, new_indices = group.new_client_states(new_states, placed,
+                                                          cohort)
         run.client_states = round_lib.scatter_client_states(
-            run.client_states, cohort["client_indices"], new_states,
+            run.client_states, np.asarray(new_indices), new_states,
             in_place=True)
         run.rounds_done = round_index + 1
-        run.stop_reason = _first_stop(callbacks, run)
+        run.stop_reason, interrupted = _agreed_stop(
+            callbacks, run, stop_requests, group)
         run.is_last = (run.rounds_done == config.num_rounds or
                        bool(run.stop_reason))
         for callback in callbacks:
           callback.after_round(run)
-        if stop_requests:
-          checkpointing.save(run)
+        if interrupted:
+          if checkpointing is not None:
+            checkpointing.save(run)
           raise RunInterrupted(
-              f"{stop_requests[0]} received: stopped after round "
+              f"{interrupted} received: stopped after round "
               f"{run.rounds_done} and saved a checkpoint in "
-              f"{checkpoints.directory}; re-run the same command to resume.")
+              f"{os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)}; re-run "
+              "the same command to resume.")
         if run.stop_reason:
           break
     for callback in callbacks:
@@ -307,7 +374,11 @@ def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
   finally:
     for callback in reversed(callbacks):
       callback.close()
-  return _write_results(run, round_fn.trace_count())
+    state_store.close(run.client_states)
+  summary = (_write_results(run, round_fn.trace_count())
+             if group.coordinator else None)
+  # Every process returns once the coordinator has written the results.
+  return group.agree(summary)
 
 
 def _write_results(run: callbacks_lib.RunState,

@@ -89,10 +89,19 @@ class RunCheckpoints:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
     self.directory = os.path.abspath(self.directory)
+    options = dict(max_to_keep=max(self.max_to_keep, 1), create=True,
+                   enable_async_checkpointing=False)
+    if jax.process_count() > 1:
+      # A multi-process run: only the coordinator keeps checkpoints (its
+      # host copy of the state is the whole state), without waiting on the
+      # other processes at orbax's barriers.
+      os.makedirs(self.directory, exist_ok=True)
+      options.update(create=False, multiprocessing_options=(
+          ocp.options.MultiprocessingOptions(
+              primary_host=jax.process_index(),
+              active_processes={jax.process_index()})))
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max(self.max_to_keep, 1), create=True,
-            enable_async_checkpointing=False))
+        self.directory, options=ocp.CheckpointManagerOptions(**options))
 
   def steps(self) -> list[int]:
     """Rounds-done values of the complete checkpoints, oldest first."""

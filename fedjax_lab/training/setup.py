@@ -4,6 +4,7 @@ The config schema (``configs/*.py`` return it; every key can be overridden
 with ``--config.KEY=VALUE``):
 
 * ``checkpoint_every`` (0 = only at the end), ``checkpoints_to_keep``,
+  ``client_state_store`` (``"memory"`` or ``"disk"``),
   ``metrics_sinks`` (extra sinks: ``csv``, ``tensorboard``, ``wandb``),
   ``wandb_project``.
 * ``seed``, ``num_rounds``, ``eval_every``, ``eval_batch_size``,
@@ -125,6 +126,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.get("checkpoint_every", 0) < 0:
     raise ConfigError("checkpoint_every must be >= 0 (0 = only at the end), "
                       f"got {config.checkpoint_every}.")
+  if config.get("client_state_store", "memory") not in ("memory", "disk"):
+    raise ConfigError("client_state_store must be 'memory' or 'disk', got "
+                      f"{config.client_state_store!r}.")
   if config.get("checkpoints_to_keep", 3) < 1:
     raise ConfigError("checkpoints_to_keep must be >= 1, got "
                       f"{config.checkpoints_to_keep}.")
@@ -421,4 +425,7 @@ def make_sampler(config: ml_collections.ConfigDict, num_clients: int,
 def describe_devices() -> str:
   """One line naming the backend and devices, for logs and results."""
   devices = jax.devices()
-  return f"{jax.default_backend()} x{len(devices)} ({devices[0].device_kind})"
+  text = f"{jax.default_backend()} x{len(devices)} ({devices[0].device_kind})"
+  if jax.process_count() > 1:
+    text += f" over {jax.process_count()} processes"
+  return text

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fedjax_lab.data.cohort import (CohortBatch, client_steps, make_cohort,
+                                    make_round_cohort,
                                     make_eval_batches, round_up_to_bucket)
 from fedjax_lab.data.federated import ClientStore
 
@@ -434,3 +435,44 @@ def test_make_client_eval_batches_places_each_clients_rows():
   with pytest.raises(ValueError, match="num_padded_clients"):
     make_client_eval_batches(store, positions, batch_size=4,
                              num_padded_clients=2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=12),
+       data=st.data(), num_shares=st.integers(1, 4))
+def test_process_shares_concatenate_to_the_whole_cohort(sizes, data,
+                                                        num_shares):
+  # Each process of a multi-process run builds only its rows of the padded
+  # cohort; its rows must be exactly those of the whole cohort's batch.
+  store = make_store(sizes)
+  indices = np.asarray(data.draw(st.lists(
+      st.integers(0, len(sizes) - 1), min_size=0, max_size=10)), np.int64)
+  kwargs = dict(batch_size=4, num_epochs=2, max_steps=None, seed=5,
+                round_index=3, cohort_multiple_of=num_shares)
+  whole = make_round_cohort(store, indices, **kwargs)
+  padded = whole.padded_cohort_size
+  assert padded == whole.client_mask.shape[0]
+  share = padded // num_shares
+  parts = [make_round_cohort(
+      store, indices, **kwargs,
+      client_rows=lambda size, i=i: (i * size // num_shares,
+                                     (i + 1) * size // num_shares))
+           for i in range(num_shares)]
+  for part in parts:
+    assert part.padded_cohort_size == padded
+    assert part.client_mask.shape[0] == share
+  for name in ("example_mask", "client_mask", "num_examples",
+               "client_indices", "num_steps"):
+    np.testing.assert_array_equal(
+        getattr(whole, name),
+        np.concatenate([getattr(part, name) for part in parts]))
+  for name, values in whole.features.items():
+    np.testing.assert_array_equal(
+        values, np.concatenate([part.features[name] for part in parts]))
+
+
+def test_process_share_outside_the_padded_cohort_is_rejected():
+  store = make_store([3, 4])
+  with pytest.raises(ValueError, match="client_rows"):
+    make_cohort(store, np.array([0, 1]), batch_size=2, seed=0,
+                round_index=0, client_rows=(1, 9))

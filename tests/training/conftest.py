@@ -101,7 +101,7 @@ def crashed_run(workdir: str, monkeypatch, crash_round: int) -> None:
 
 def run_records(workdir):
   """The records of ``workdir/metrics.jsonl`` without their timings."""
-  return [{k: v for k, v in r.items() if k != "seconds"}
+  return [{k: v for k, v in r.items() if not k.endswith("seconds")}
           for r in metrics_io.read_jsonl(os.path.join(workdir,
                                                       "metrics.jsonl"))]
 
@@ -134,7 +134,8 @@ def csv_table(workdir):
   """{round: {column: cell}} of metrics.csv, without the timing column."""
   with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
     rows = list(csv.DictReader(f))
-  return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+  return [{k: v for k, v in row.items() if not k.endswith("seconds")}
+          for row in rows]
 
 
 def tensorboard_points(workdir):
