@@ -100,6 +100,21 @@ def _unchunk(tree, strided: bool):
   return jax.tree.map(f, tree)
 
 
+def _sharded_chunk(chunk: int, num_clients: int, num_devices: int) -> int:
+  """Clients per chunk when the client axis is sharded over ``num_devices``:
+  the same number from every device (``map``: one each), so each device
+  trains its own clients and no chunk needs another device's data. (A
+  chunk of fewer clients than devices would leave the compiler a loop over
+  a sharded axis, which it runs by gathering every client on every
+  device.) ``num_clients`` is a multiple of ``num_devices``; the result
+  divides it, so no padding reshards the axis."""
+  per_device_total = num_clients // num_devices
+  per_device = max(1, -(-chunk // num_devices))
+  while per_device_total % per_device:
+    per_device -= 1
+  return per_device * num_devices
+
+
 def _pad_clients(tree, multiple: int):
   def f(a):
     extra = (-a.shape[0]) % multiple
@@ -166,22 +181,52 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
 
     chunk = 1 if strategy.client_parallel == "map" else strategy.chunk_size
     num_clients = client_mask.shape[0]
+    if mesh is not None:
+      chunk = _sharded_chunk(chunk, num_clients, mesh.size)
     padded = _pad_clients((per_client, client_mask), chunk)
     num_chunks = -(-num_clients // chunk)
     strided = mesh is not None
     chunked = _chunk(padded, num_chunks, strided)
 
-    def body(acc, xs):
-      inputs, mask = xs
+    def chunk_sums(inputs, mask, broadcast, agg_state, round_rng,
+                   noise_round_rng):
       out = run_group(broadcast, agg_state, round_rng, noise_round_rng,
                       *inputs)
-      sums = clients.sum_clients(out, mask)
-      return (sums if acc is None else _add(acc, sums)), out[2]
+      return clients.sum_clients(out, mask), out[2]
+
+    if mesh is not None:
+      # Each device trains and sums its own clients of the chunk with no
+      # communication (a step's skip test and the sums stay local; as one
+      # SPMD program every step's test would be an all-reduce across the
+      # processes); the devices' sums are added once after the loop.
+      local_sums = chunk_sums
+
+      def chunk_sums(inputs, mask, *replicated):
+        sums, states = local_sums(inputs, mask, *replicated)
+        return jax.tree.map(lambda a: a[None], sums), states
+
+      clients_spec = PartitionSpec("clients")
+      chunk_sums = jax.shard_map(
+          chunk_sums, mesh=mesh,
+          in_specs=(clients_spec, clients_spec) + (PartitionSpec(),) * 4,
+          out_specs=(clients_spec, clients_spec),
+          # The per-client code mixes replicated and per-device values (a
+          # skipped step returns the replicated carry); outputs are all
+          # per-device, so the replication check has nothing to add.
+          check_vma=False)
+
+    def body(acc, xs):
+      inputs, mask = xs
+      sums, states = chunk_sums(inputs, mask, broadcast, agg_state,
+                                round_rng, noise_round_rng)
+      return (sums if acc is None else _add(acc, sums)), states
 
     first = jax.tree.map(lambda a: a[0], chunked)
     acc_shape, _ = jax.eval_shape(lambda xs: body(None, xs), first)
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), acc_shape)
     sums, states = jax.lax.scan(body, zeros, chunked)
+    if mesh is not None:
+      sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
     states = _unchunk(states, strided)
     return sums, jax.tree.map(lambda a: a[:num_clients], states)
 

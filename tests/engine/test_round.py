@@ -193,7 +193,10 @@ alg = fedavg.fedopt(model, optax.sgd(0.1), optax.sgd(1.0))
 params = model.init(jax.random.key(0))
 cohort = build_cohort(make_clients(9), [0, 2, 3, 5, 8, 1], 3, pad_clients=2)
 mesh = rl.client_mesh()
-for strategy in [Strategy("vmap", "scan"), Strategy("chunked", "unroll", 2)]:
+# map and chunk sizes that are not multiples of the device count: each
+# chunk takes the same number of clients from every device.
+for strategy in [Strategy("vmap", "scan"), Strategy("chunked", "unroll", 2),
+                 Strategy("map", "scan"), Strategy("chunked", "scan", 3)]:
   one = rl.build_round(alg, strategy, donate=False)
   many = rl.build_round(alg, strategy, mesh=mesh, donate=False)
   s1, _, m1 = one(alg.server_init(params), cohort, jnp.zeros([8]),
