@@ -5,6 +5,8 @@ r"""The ``fedjax-lab`` console command: one entry point for the programs.
   fedjax-lab plot    [flags]   PNGs of runs' metrics  (experiments/plot.py)
   fedjax-lab privacy [flags]   the privacy calculator (experiments/privacy.py)
   fedjax-lab audit   [flags]   an empirical privacy audit (experiments/audit.py)
+  fedjax-lab population [flags] write a simulated population to disk
+                                 (experiments/make_population.py)
 
 Each subcommand takes exactly the flags of ``python -m experiments.<name>``
 (``fedjax-lab <name> --help`` lists them) and works from any directory: the
@@ -29,6 +31,9 @@ COMMANDS = {
     "privacy": ("experiments.privacy",
                 "epsilon of a DP run, or the noise multiplier it needs"),
     "audit": ("experiments.audit", "one-shot empirical privacy audit"),
+    "population": ("experiments.make_population",
+                   "write a simulated population of up to millions of "
+                   "clients to disk"),
 }
 
 

@@ -30,6 +30,7 @@ import os
 import tempfile
 from typing import Any, Sequence
 
+import jax
 import ml_collections
 
 from fedjax_lab import models
@@ -135,6 +136,11 @@ def simulate(config: ml_collections.ConfigDict | setup.Experiment, *,
     experiment = setup.build_experiment(config, dataset=dataset,
                                         sampler=sampler, model=model)
   if workdir is None:
+    if jax.process_count() > 1:
+      raise setup.ConfigError(
+          "a run over several processes needs a workdir every process can "
+          "reach (each would otherwise make its own temporary one); pass "
+          "workdir=.")
     workdir = tempfile.mkdtemp(prefix="fedjax_lab-")
   summary = loop.run_experiment(experiment, workdir,
                                 show_progress=show_progress,

@@ -35,13 +35,14 @@ def test_console_script_is_installed():
 def test_no_or_unknown_subcommand_prints_usage_and_exits_2(tmp_path, args):
   result = _run(tmp_path, *args)
   assert result.returncode == 2
-  assert "usage: fedjax-lab {run|sweep|plot|privacy|audit}" in result.stderr
+  assert ("usage: fedjax-lab {run|sweep|plot|privacy|audit|population}"
+          in result.stderr)
   assert "Traceback" not in result.stderr
 
 
 def test_usage_names_every_command():
   text = main_lib.usage()
-  for name in ("run", "sweep", "plot", "privacy", "audit"):
+  for name in ("run", "sweep", "plot", "privacy", "audit", "population"):
     assert f"  {name} " in text
 
 
@@ -93,3 +94,10 @@ def test_sweep_and_audit_errors_are_one_line(tmp_path):
   assert result.stderr.strip() == (
       "error: unexpected arguments: stray (every option is a --flag; see "
       "--help)")
+
+
+def test_population_writes_a_population_from_another_directory(tmp_path):
+  result = _run(tmp_path, "population", "--kind=synthetic",
+                "--num_clients=30", "--out=pop", "--noprogress")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "pop" / "dataset.json").exists()
