@@ -52,6 +52,8 @@ _POPULATIONS = flags.DEFINE_list("populations", ["10000", "1000000"],
                                  "Population sizes.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds per run (the first "
                                "compiles and is not timed).")
+_COHORT_SIZE = flags.DEFINE_integer(
+    "cohort_size", 1000, "Clients per round of the FedAvg runs.")
 _PROCESS_ROUNDS = flags.DEFINE_integer(
     "process_rounds", 3, "Rounds of the 1- vs 2-process comparison.")
 _DP_SECONDS = flags.DEFINE_float("dp_seconds", 150.0,
@@ -152,14 +154,15 @@ def _ideal_step_seconds(path: str) -> float:
   """Median seconds of one jitted SGD step of the scale config's CNN on a
   batch of 10 examples of the population (the bare compute of a step)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from experiments.bench import workloads  # pylint: disable=g-import-not-at-top
   from experiments.lib import paths  # pylint: disable=g-import-not-at-top
   from fedjax_lab.training import setup  # pylint: disable=g-import-not-at-top
   paths.ensure_configs_importable()
   from configs import scale_image_cnn  # pylint: disable=g-import-not-at-top
   config = scale_image_cnn.get_config()
   config.data.path = path
+  config.cohort_size = _COHORT_SIZE.value
   exp = setup.build_experiment(config)
   model = exp.model
   batch_size = config.client.batch_size
@@ -168,17 +171,8 @@ def _ideal_step_seconds(path: str) -> float:
       np.float32 if np.issubdtype(column.dtype, np.floating) else column.dtype)
            for name, column in store.features.items()}
   batch = jax.device_put(batch)
-  rate = config.client.learning_rate
-
-  def sgd_step(params, batch, rng):
-    def loss(p):
-      loss_sum, weight = model.example_loss(model.apply(p, batch, rng, True),
-                                            batch)
-      return jnp.sum(loss_sum) / jnp.maximum(jnp.sum(weight), 1e-12)
-    return jax.tree.map(lambda p, g: p - rate * g, params,
-                        jax.grad(loss)(params))
-
-  step = jax.jit(sgd_step, donate_argnums=0)
+  step = jax.jit(workloads.sgd_step_fn(model, config.client.learning_rate),
+                 donate_argnums=0)
   params, rng = model.init(jax.random.key(0)), jax.random.key(1)
   params = jax.block_until_ready(step(params, batch, rng))
   samples = []
@@ -200,6 +194,7 @@ def _real_steps(path: str, num_rounds: int) -> list[int]:
   from configs import scale_image_cnn  # pylint: disable=g-import-not-at-top
   config = scale_image_cnn.get_config()
   config.data.path = path
+  config.cohort_size = _COHORT_SIZE.value
   exp = setup.build_experiment(config)
   store = exp.dataset.train
   return [int(cohort_lib.client_steps(
@@ -211,8 +206,10 @@ def _fedavg_run(path: str, workdir: str, num_rounds: int,
                 num_processes: int = 1) -> dict[str, Any]:
   command = [sys.executable, "-m", "experiments.run", f"--config={CONFIG}",
              f"--config.data.path={path}",
-             f"--config.num_rounds={num_rounds}", f"--workdir={workdir}",
-             "--noprogress", f"--num_processes={num_processes}"]
+             f"--config.num_rounds={num_rounds}",
+             f"--config.cohort_size={_COHORT_SIZE.value}",
+             f"--workdir={workdir}", "--noprogress",
+             f"--num_processes={num_processes}"]
   _drop_from_page_cache(path)
   result = _run_measured(command)
   if result["returncode"] != 0:
@@ -387,6 +384,8 @@ def main(argv: Sequence[str]) -> None:
              f"--populations={','.join(_POPULATIONS.value)} "
              f"--rounds={_ROUNDS.value} "
              f"--process_rounds={_PROCESS_ROUNDS.value} "
+             + (f"--cohort_size={_COHORT_SIZE.value} "
+                if _COHORT_SIZE.value != 1000 else "") +
              f"--dp_seconds={_DP_SECONDS.value} "
              "--data_root=DATA --work_root=RUNS")
   results: dict[str, Any] = {"populations": []}

@@ -114,14 +114,7 @@ def measure_ideal(w: Workload, cohorts: list[CohortBatch]) -> dict[str, Any]:
   model = w.make_model()
   lr, size, k = w.client_lr, w.batch_size, w.cohort_size
 
-  def sgd_step(params, batch, rng):
-    def loss(p):
-      loss_sum, weight = model.example_loss(model.apply(p, batch, rng, True),
-                                            batch)
-      return jnp.sum(loss_sum) / jnp.maximum(jnp.sum(weight), 1e-12)
-    return jax.tree.map(lambda p, g: p - lr * g, params,
-                        jax.grad(loss)(params))
-
+  sgd_step = workloads.sgd_step_fn(model, lr)
   rows = {n: np.resize(a, (k * size,) + a.shape[1:])
           for n, a in w.store.features.items()}
   one = jax.device_put({n: a[:size] for n, a in rows.items()})

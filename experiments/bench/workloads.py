@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -40,6 +41,22 @@ WORKLOADS = ("w1", "w2", "w3")
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
+
+
+def sgd_step_fn(model: models.Model, learning_rate: float):
+  """``step(params, batch, rng) -> params``: one plain SGD step on the
+  batch's mean example loss, the bare compute the benchmarks' ideal times
+  (no masks, no aggregation, no data pipeline)."""
+
+  def sgd_step(params, batch, rng):
+    def loss(p):
+      loss_sum, weight = model.example_loss(model.apply(p, batch, rng, True),
+                                            batch)
+      return jnp.sum(loss_sum) / jnp.maximum(jnp.sum(weight), 1e-12)
+    return jax.tree.map(lambda p, g: p - learning_rate * g, params,
+                        jax.grad(loss)(params))
+
+  return sgd_step
 
 
 def define_common_flags(flag_values: flags.FlagValues = flags.FLAGS,
