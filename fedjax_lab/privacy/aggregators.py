@@ -42,6 +42,8 @@ def add_gaussian_noise(tree: PyTree, noise_std: jax.Array | float,
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+  if isinstance(value, jax.core.Tracer):
+    return  # A sweep member's traced value: checked on the concrete values.
   if not (value >= 0 if allow_zero else value > 0) or math.isnan(value):
     raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got "
                      f"{value}.")
@@ -57,10 +59,15 @@ def noise_std_on_sum(clip_norm: float, noise_multiplier: float,
   cohort of m clients but the noise on the average must be the noise a
   cohort of M would get, ``z C / M``: so the sum gets ``z C m / M``.
   """
-  if noise_multiplier == 0:
-    return 0.0  # also with clip_norm = inf (0 * inf would be NaN)
   scale = (expected_cohort_size / noise_cohort_size if noise_cohort_size
            else 1.0)
+  if isinstance(noise_multiplier, jax.core.Tracer) or isinstance(
+      clip_norm, jax.core.Tracer):
+    # Sweep members' traced values (a vectorised sweep): the same rule.
+    return jnp.where(noise_multiplier == 0, 0.0,
+                     noise_multiplier * clip_norm * scale)
+  if noise_multiplier == 0:
+    return 0.0  # also with clip_norm = inf (0 * inf would be NaN)
   return noise_multiplier * clip_norm * scale
 
 
