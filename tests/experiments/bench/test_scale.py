@@ -1,4 +1,4 @@
-"""experiments.bench.scale on tiny populations: the runs, the numbers it
+"""experiments.bench.scale on a tiny population: the run, the numbers it
 derives and a results file that names no machine path."""
 
 import json
@@ -15,7 +15,7 @@ def test_tiny_scale_bench_writes_a_complete_redacted_report(tmp_path):
   command = [sys.executable, "-m", "experiments.bench.scale",
              f"--data_root={data}", f"--work_root={runs}", f"--out={out}",
              "--populations=40", "--rounds=2", "--cohort_size=4",
-             "--process_rounds=2", "--dp_seconds=0"]
+             "--process_rounds=0", "--dp_seconds=0"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -34,9 +34,7 @@ def test_tiny_scale_bench_writes_a_complete_redacted_report(tmp_path):
   assert population["ideal_s_per_round"] == (
       report["ideal_step_s"] * population["real_steps"][1])
   assert population["ratio_to_ideal"] > 0
-  processes = report["processes"]
-  assert set(processes["runs"]) == {"1", "2"}
-  # Two processes train the same model as one, to summation order.
-  assert processes["max_rel_metric_diff"]["train_loss"] < 1e-5
+  # (1 vs 2 processes is tests/experiments/test_multiprocess.py's subject.)
+  assert "processes" not in report
   markdown = (tmp_path / "scale.md").read_text()
-  assert "| 40 |" in markdown and "1 vs 2 processes" in markdown
+  assert "| 40 |" in markdown
