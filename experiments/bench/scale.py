@@ -43,6 +43,8 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 
+from fedjax_lab.training import workdir as workdir_lib
+
 _DATA_ROOT = flags.DEFINE_string("data_root", None,
                                  "Folder of the populations (written if "
                                  "missing).")
@@ -97,11 +99,6 @@ def _run_measured(command: Sequence[str]) -> dict[str, Any]:
   result["peak_rss_bytes"] = measured["max_rss_kb"] * 1024
   result["returncode"] = measured["code"]
   return result
-
-
-def _history(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def _value(record: dict[str, Any], key: str) -> Any:
@@ -214,7 +211,7 @@ def _fedavg_run(path: str, workdir: str, num_rounds: int,
   result = _run_measured(command)
   if result["returncode"] != 0:
     raise RuntimeError(result["stderr"][-3000:])
-  history = _history(workdir)
+  history = workdir_lib.read_history(workdir)
   timed = history[1:] or history
   round_s = statistics.median(r["seconds"] + r["host_wait_seconds"]
                               for r in timed)
@@ -256,7 +253,7 @@ def _dp_run(path: str, workdir: str, seconds: float) -> dict[str, Any]:
   result = _run_measured(command)
   if result["returncode"] != 0:
     raise RuntimeError(result["stderr"][-3000:])
-  history = _history(workdir)
+  history = workdir_lib.read_history(workdir)
   summary = json.loads(result["stdout"].strip().splitlines()[-1])
   return {"command": " ".join(["python"] + command[1:]),
           "wall_s": result["wall_s"], "peak_rss_bytes": result["peak_rss_bytes"],
@@ -447,11 +444,10 @@ def main(argv: Sequence[str]) -> None:
         "num_clients": size, "rounds": _PROCESS_ROUNDS.value, "runs": runs,
         "throughput_ratio": runs["1"]["s_per_round"] /
                             runs["2"]["s_per_round"],
-        "max_rel_metric_diff": _metric_diffs(
-            _history(os.path.join(_WORK_ROOT.value,
-                                  f"procs1-{size}-{stamp}")),
-            _history(os.path.join(_WORK_ROOT.value,
-                                  f"procs2-{size}-{stamp}")))}
+        "max_rel_metric_diff": _metric_diffs(*(
+            workdir_lib.read_history(os.path.join(
+                _WORK_ROOT.value, f"procs{n}-{size}-{stamp}"))
+            for n in (1, 2)))}
     save()
 
   if _DP_SECONDS.value > 0 and "dp" in sections:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from experiments.lib import launcher
+from fedjax_lab.training.workdir import read_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -41,11 +42,6 @@ def _run(config, workdir, num_processes, *overrides):
                           timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _history(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def _assert_same_history(one, two, rel=1e-6):
@@ -77,7 +73,8 @@ def _final_state(workdir):
 def test_two_processes_make_the_one_process_run(tmp_path, config, overrides):
   one = _run(config, tmp_path / "one", 1, *overrides)
   two = _run(config, tmp_path / "two", 2, *overrides)
-  _assert_same_history(_history(tmp_path / "one"), _history(tmp_path / "two"))
+  _assert_same_history(read_history(tmp_path / "one"),
+                       read_history(tmp_path / "two"))
   assert "over 2 processes" in two["devices"]
   assert one["rounds"] == two["rounds"]
   assert one.get("epsilon") == two.get("epsilon")
@@ -87,7 +84,7 @@ def test_two_processes_make_the_one_process_run(tmp_path, config, overrides):
                   _final_state(tmp_path / "two")):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   # Written once: one metrics line per round, no second process's files.
-  assert [r["round"] for r in _history(tmp_path / "two")] == list(
+  assert [r["round"] for r in read_history(tmp_path / "two")] == list(
       range(1, one["rounds"] + 1))
 
 
@@ -113,7 +110,7 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_run(tmp_path):
 
   summary = _run(config, workdir, 2, *overrides)
   assert summary["resumed_from_round"] >= 10
-  _assert_same_history(_history(tmp_path / "whole"), _history(workdir))
+  _assert_same_history(read_history(tmp_path / "whole"), read_history(workdir))
 
 
 def test_child_commands_carry_the_flags_and_one_workdir():

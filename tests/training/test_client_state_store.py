@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from fedjax_lab.training.workdir import read_history
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 SCAFFOLD = "configs/synthetic_scaffold.py:tiny"
@@ -42,11 +44,6 @@ def _run(workdir, store, num_rounds):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _history(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _same(one, two):
   assert len(one) == len(two)
   for first, second in zip(one, two):
@@ -67,7 +64,7 @@ def test_disk_store_run_equals_memory_run_and_checkpoints_skip_clients(
     tmp_path):
   memory = _run(tmp_path / "memory", "memory", 12)
   disk = _run(tmp_path / "disk", "disk", 12)
-  _same(_history(tmp_path / "memory"), _history(tmp_path / "disk"))
+  _same(read_history(tmp_path / "memory"), read_history(tmp_path / "disk"))
   assert memory["final_eval_loss"] == disk["final_eval_loss"]
   assert os.path.isdir(tmp_path / "disk" / "client_states")
   # The memory run's checkpoint carries every client's states; the disk
@@ -95,4 +92,4 @@ def test_killed_disk_store_run_resumes_to_the_uninterrupted_run(tmp_path):
     pytest.skip("the run finished before it was killed")
   summary = _run(workdir, "disk", 300)
   assert summary["resumed_from_round"] >= 10
-  _same(_history(tmp_path / "whole"), _history(workdir))
+  _same(read_history(tmp_path / "whole"), read_history(workdir))
