@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Mapping
 
+import jax
 import optax
 
 _BUILDERS = {
@@ -58,6 +59,8 @@ def build_optimizer(name: str, learning_rate: float,
     raise ValueError(
         f"optimizer {name!r} does not take {sorted(unknown)}; it accepts "
         f"{sorted(accepted)}.")
-  if learning_rate is None or not learning_rate > 0:
+  if learning_rate is None or (not isinstance(learning_rate, jax.core.Tracer)
+                               and not learning_rate > 0):
+    # A traced rate (a sweep member's) was checked as a number first.
     raise ValueError(f"{name} learning_rate must be > 0, got {learning_rate}.")
   return builder(learning_rate=learning_rate, **hparams)

@@ -41,8 +41,14 @@ def add_gaussian_noise(tree: PyTree, noise_std: jax.Array | float,
   return jax.tree.unflatten(treedef, noisy)
 
 
+def _traced(*values) -> bool:
+  """Whether any of ``values`` is a JAX tracer (a sweep member's traced
+  hyperparameter, one slice of a ``[K]`` array under ``vmap``/``jit``)."""
+  return any(isinstance(value, jax.core.Tracer) for value in values)
+
+
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-  if isinstance(value, jax.core.Tracer):
+  if _traced(value):
     return  # A sweep member's traced value: checked on the concrete values.
   if not (value >= 0 if allow_zero else value > 0) or math.isnan(value):
     raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got "
@@ -61,8 +67,7 @@ def noise_std_on_sum(clip_norm: float, noise_multiplier: float,
   """
   scale = (expected_cohort_size / noise_cohort_size if noise_cohort_size
            else 1.0)
-  if isinstance(noise_multiplier, jax.core.Tracer) or isinstance(
-      clip_norm, jax.core.Tracer):
+  if _traced(noise_multiplier, clip_norm):
     # Sweep members' traced values (a vectorised sweep): the same rule.
     return jnp.where(noise_multiplier == 0, 0.0,
                      noise_multiplier * clip_norm * scale)
@@ -151,10 +156,18 @@ def split_noise_multiplier(noise_multiplier: float,
   ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` and the pair is accounted as
   one Gaussian mechanism with multiplier ``z``.
 
+  Traced arguments (sweep members) give a traced result by the same rule;
+  the check is then skipped (it ran on the members' concrete values).
+
   Raises:
     ValueError: ``2 * clipped_count_stddev <= noise_multiplier`` (the count
       would use the whole budget).
   """
+  if _traced(noise_multiplier, clipped_count_stddev):
+    z = jnp.asarray(noise_multiplier, jnp.float32)
+    safe_z = jnp.where(z == 0, 1.0, z)  # z = 0: no noise at all (not inf).
+    count = 2.0 * jnp.asarray(clipped_count_stddev, jnp.float32)
+    return jnp.where(z == 0, 0.0, (safe_z**-2 - count**-2)**-0.5)
   if noise_multiplier == 0:
     return 0.0
   count_multiplier = 2.0 * clipped_count_stddev
@@ -186,22 +199,39 @@ def adaptive_clipping(initial_clip_norm: float, noise_multiplier: float,
 
   The state is the current clip norm (float32 scalar); metrics report the
   clip norm used this round and the noisy unclipped fraction.
+
+  ``initial_clip_norm``, ``noise_multiplier``, ``target_quantile``,
+  ``clip_learning_rate`` and ``clipped_count_stddev`` may be traced (sweep
+  members); their checks then run on the members' concrete values only.
   """
   _check_positive("initial_clip_norm", initial_clip_norm)
   _check_positive("expected_cohort_size", expected_cohort_size)
-  if not 0 < target_quantile < 1:
+  if not _traced(target_quantile) and not 0 < target_quantile < 1:
     raise ValueError(f"target_quantile must be in (0, 1), got "
                      f"{target_quantile}.")
-  if clipped_count_stddev is None or clipped_count_stddev <= 0:
-    # Andrew et al.'s m / 20, but never below z: then the count query takes
-    # at most a quarter of the noise budget (z_delta <= 1.155 z), which
-    # matters for small cohorts.
-    clipped_count_stddev = max(expected_cohort_size / 20.0, noise_multiplier)
+  # Andrew et al.'s m / 20, but never below z: then the count query takes at
+  # most a quarter of the noise budget (z_delta <= 1.155 z), which matters
+  # for small cohorts.
+  if _traced(noise_multiplier):
+    default_stddev = jnp.maximum(expected_cohort_size / 20.0,
+                                 noise_multiplier)
+  else:
+    default_stddev = max(expected_cohort_size / 20.0, noise_multiplier)
+  if _traced(clipped_count_stddev):
+    clipped_count_stddev = jnp.where(clipped_count_stddev > 0,
+                                     clipped_count_stddev, default_stddev)
+  elif clipped_count_stddev is None or clipped_count_stddev <= 0:
+    clipped_count_stddev = default_stddev
   update_multiplier = split_noise_multiplier(noise_multiplier,
                                              clipped_count_stddev)
   scale = (expected_cohort_size / noise_cohort_size if noise_cohort_size
            else 1.0)
-  count_noise_std = clipped_count_stddev * scale if noise_multiplier else 0.0
+  if _traced(noise_multiplier):
+    count_noise_std = jnp.where(noise_multiplier == 0, 0.0,
+                                clipped_count_stddev * scale)
+  else:
+    count_noise_std = (clipped_count_stddev * scale if noise_multiplier
+                       else 0.0)
 
   def init():
     return jnp.asarray(initial_clip_norm, jnp.float32)
@@ -267,10 +297,12 @@ def local_gaussian(clip_norm: float, noise_multiplier: float
   def finalize(weighted_sum, total_weight, num_clients, state, rng):
     del total_weight
     count = jnp.maximum(num_clients, 1.0)
-    # Sum of num_clients independent N(0, noise_std^2) per coordinate.
-    noisy_sum = add_gaussian_noise(weighted_sum,
-                                   noise_std * jnp.sqrt(num_clients), rng
-                                   ) if noise_std else weighted_sum
+    # Sum of num_clients independent N(0, noise_std^2) per coordinate (a
+    # traced std always draws; std 0 adds exactly 0).
+    noisy_sum = weighted_sum
+    if _traced(noise_std) or noise_std:
+      noisy_sum = add_gaussian_noise(weighted_sum,
+                                     noise_std * jnp.sqrt(num_clients), rng)
     aggregate = jax.tree.map(lambda s: s / count, noisy_sum)
     metrics = {"dp_noise_std": jnp.asarray(noise_std, jnp.float32),
                "dp_noise_std_on_mean": noise_std / jnp.sqrt(count),

@@ -8,6 +8,7 @@ are re-exported here under their privacy-facing names.
 
 from __future__ import annotations
 
+import jax
 
 from fedjax_lab.algorithms import base
 from fedjax_lab.algorithms.tree_math import PyTree
@@ -28,10 +29,13 @@ def clip(clip_norm: float) -> base.Transform:
   the sum through; the DP link that follows does the clipping that bounds
   the sensitivity (and reports ``update_norm``).
 
+  ``clip_norm`` may be traced (a sweep member's); the check then runs on the
+  members' concrete values only.
+
   Raises:
     ValueError: ``clip_norm`` is not positive.
   """
-  if not clip_norm > 0:
+  if not isinstance(clip_norm, jax.core.Tracer) and not clip_norm > 0:
     raise ValueError(f"clip_norm must be > 0, got {clip_norm}.")
 
   def client_transform(delta, weight, state, client_state, keys):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import jax
 import optax
 
 from fedjax_lab.algorithms import base
@@ -43,6 +44,12 @@ def build_aggregator(plan: PrivacyPlan | None,
   (``gaussian``, ``tree``), ``compress -> DP link`` for ``adaptive`` (its
   clip norm moves), ``compress -> weighted mean`` without DP (``plan`` None);
   ``local`` is refused (:mod:`fedjax_lab.privacy.refusals`).
+
+  The plan's numbers (clip norm, noise multiplier, the ``adaptive`` block's
+  values) may be traced: a sweep member's hyperparameters inside the member
+  round (:mod:`fedjax_lab.engine.members`), e.g. ``dataclasses.replace`` of
+  a concrete plan with tracers; every member's concrete plan must have been
+  built (and so checked) first.
   """
   if compress is None:
     return _dp_link(plan)
@@ -92,6 +99,12 @@ def build_ftrl_server_optimizer(plan: PrivacyPlan, learning_rate: float
   with ``privacy.ftrl.momentum`` (DP-FTRLM) on the noisy increments of the
   tree's prefix sums that :func:`fedjax_lab.privacy.tree.tree_aggregator`
   releases; momentum carries over tree restarts, as in Kairouz et al.
-  2021."""
+  2021.
+
+  A traced momentum (sweep members) always keeps optax's momentum trace (a
+  member with momentum 0 then steps exactly as plain SGD does); a concrete
+  0 keeps plain SGD's state (no trace)."""
   momentum = plan.settings.get("ftrl", {}).get("momentum", 0.0)
+  if isinstance(momentum, jax.core.Tracer):
+    return optax.sgd(learning_rate, momentum=momentum)
   return optax.sgd(learning_rate, momentum=momentum or None)

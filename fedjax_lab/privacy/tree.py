@@ -110,6 +110,12 @@ class DPFTRLState(NamedTuple):
   momentum_buffer: PyTree
 
 
+def _traced(*values: Any) -> bool:
+  """Whether any of ``values`` is a JAX tracer (a sweep member's
+  hyperparameter)."""
+  return any(isinstance(value, jax.core.Tracer) for value in values)
+
+
 def _accumulator_dtype(dtype: Any) -> Any:
   """At least float32 for the sums, whatever the parameters' precision."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -171,13 +177,17 @@ def dp_ftrl(learning_rate: float, noise_std: float, steps_per_tree: int,
     noise_key: secret JAX PRNG key fixing all the trees' noise; required
       when ``noise_std > 0``.
 
+  ``learning_rate``, ``noise_std`` and ``momentum`` may be traced (sweep
+  members; checked on their concrete values only): a traced ``noise_std``
+  always draws the noise (std 0 adds exactly 0) and so needs ``noise_key``.
+
   Returns:
     An ``optax.GradientTransformation`` whose state is a
     :class:`DPFTRLState`. ``params`` is not needed by ``update``.
 
   Raises:
-    ValueError: ``noise_std > 0`` without a ``noise_key``, or an argument
-      out of range.
+    ValueError: ``noise_std > 0`` (or traced) without a ``noise_key``, or an
+      argument out of range.
     TypeError: ``noise_key`` is not a PRNG key (e.g. an integer seed).
   """
   learning_rate = _check_float("learning_rate", learning_rate, 0.0,
@@ -185,9 +195,11 @@ def dp_ftrl(learning_rate: float, noise_std: float, steps_per_tree: int,
   noise_std = _check_float("noise_std", noise_std, 0.0)
   steps_per_tree = check_int("steps_per_tree", steps_per_tree, 1)
   momentum = _check_float("momentum", momentum, 0.0, 1.0, open_max=True)
+  add_noise = _traced(noise_std) or noise_std > 0
+  use_momentum = _traced(momentum) or momentum > 0
   if noise_key is not None:
     noise_key = _check_key("noise_key", noise_key)
-  elif noise_std > 0:
+  elif add_noise:
     raise ValueError(
         "dp_ftrl with noise_std > 0 needs noise_key, a secret JAX PRNG key "
         "(e.g. jax.random.key drawn from os.urandom); it cannot be derived "
@@ -212,11 +224,11 @@ def dp_ftrl(learning_rate: float, noise_std: float, steps_per_tree: int,
     step = jnp.where(restart, 1, state.step_in_tree + 1).astype(jnp.int32)
     noisy_grad = jax.tree.map(
         lambda g, v: g.astype(v.dtype), grads, state.momentum_buffer)
-    if noise_std:
+    if add_noise:
       noise = prefix_noise_increment(tree_noise_key(noise_key, tree_index),
                                      step, noisy_grad, noise_std, num_levels)
       noisy_grad = jax.tree.map(jnp.add, noisy_grad, noise)
-    if momentum:
+    if use_momentum:
       velocity = jax.tree.map(lambda v, g: momentum * v + g,
                               state.momentum_buffer, noisy_grad)
     else:
@@ -290,13 +302,20 @@ def tree_aggregator(clip_norm: float, noise_multiplier: float,
     expected_cohort_size: the fixed denominator (> 0).
     steps_per_tree: rounds before the tree restarts (>= 1).
 
+  ``clip_norm`` and ``noise_multiplier`` may be traced (sweep members;
+  checked on their concrete values only): the noise is then always drawn,
+  with std 0 (exactly 0 added) for a member whose ``noise_multiplier`` is 0.
+
   Returns:
     A :class:`~fedjax_lab.algorithms.base.Aggregator` whose state is a
     :class:`TreeAggregatorState`.
   """
   noise_multiplier = _check_float("noise_multiplier", noise_multiplier, 0.0)
-  if noise_multiplier == 0 and clip_norm == math.inf:
-    clip_norm = math.inf  # Noiseless averaging without clipping.
+  if (not _traced(clip_norm) and clip_norm == math.inf and
+      (_traced(noise_multiplier) or noise_multiplier == 0)):
+    # Noiseless averaging without clipping (a traced multiplier: each
+    # member's concrete plan allowed an infinite clip norm only with z = 0).
+    clip_norm = math.inf
   else:
     clip_norm = _check_float("clip_norm", clip_norm, 0.0, open_min=True)
   expected_cohort_size = _check_float("expected_cohort_size",
@@ -307,8 +326,15 @@ def tree_aggregator(clip_norm: float, noise_multiplier: float,
     raise ValueError(f"steps_per_tree must be < 2**31 (an int32 step), got "
                      f"{steps_per_tree}.")
   num_levels = tree_depth(steps_per_tree)
-  noise_std_on_sum = noise_multiplier * clip_norm if noise_multiplier else 0.0
+  if _traced(noise_multiplier, clip_norm):
+    # 0 for z = 0 also with clip_norm = inf (0 * inf would be NaN).
+    noise_std_on_sum = jnp.where(noise_multiplier == 0, 0.0,
+                                 noise_multiplier * clip_norm)
+  else:
+    noise_std_on_sum = (noise_multiplier * clip_norm if noise_multiplier
+                        else 0.0)
   node_std = noise_std_on_sum / expected_cohort_size
+  add_noise = _traced(node_std) or node_std > 0
 
   def init() -> TreeAggregatorState:
     return TreeAggregatorState(
@@ -336,7 +362,7 @@ def tree_aggregator(clip_norm: float, noise_multiplier: float,
     tree_key = jnp.where(restart, new_key_data, state.tree_key)
     aggregate = jax.tree.map(lambda s: s / expected_cohort_size,
                              weighted_sum)
-    if node_std:
+    if add_noise:
       noise = prefix_noise_increment(
           jax.random.wrap_key_data(tree_key, impl="threefry2x32"), step,
           aggregate, node_std, num_levels)

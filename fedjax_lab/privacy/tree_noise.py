@@ -29,8 +29,15 @@ PyTree = Any
 
 def _check_float(name: str, value: float, minimum: float,
                  maximum: float = math.inf, *, open_min: bool = False,
-                 open_max: bool = False) -> float:
-  """Returns ``value`` as float after checking its type and range."""
+                 open_max: bool = False) -> float | jax.Array:
+  """Returns ``value`` as float after checking its type and range.
+
+  A traced ``value`` (a sweep member's hyperparameter under ``vmap``/``jit``)
+  is returned unchanged and unchecked: it was checked on the members'
+  concrete values.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return value
   if isinstance(value, (bool, np.bool_)) or not isinstance(
       value, (int, float, np.integer, np.floating)):
     raise TypeError(f"{name} must be a number, got {value!r}.")
