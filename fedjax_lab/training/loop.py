@@ -3,8 +3,8 @@
 The loop only trains rounds: evaluation, personalization, the privacy
 budget stop, the time limit, metrics sinks, checkpoints and the progress bar
 are callbacks (:mod:`fedjax_lab.training.callbacks`); signals (SIGINT/SIGTERM
-stop after the round, with a checkpoint) and divergence stay here. The host prepares round t+1's cohort in a
-background thread while the device runs round t
+stop after the round, with a checkpoint) and divergence stay here. The host
+prepares round t+1's cohort in a background thread while the device runs round t
 (:class:`fedjax_lab.data.prefetch.Prefetcher`).
 
 A run lives in its workdir. Re-running the same command on a workdir whose
@@ -17,82 +17,34 @@ the ones an uninterrupted run produces.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import math
 import os
-import signal
 import sys
-import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 
 import jax
 import numpy as np
 
 from fedjax_lab.data import cohort as cohort_lib
-from fedjax_lab.data import sampling
 from fedjax_lab.data.prefetch import Prefetcher
 from fedjax_lab.engine import distributed
 from fedjax_lab.engine import round as round_lib
-from fedjax_lab.privacy import accounting
 from fedjax_lab.training import callbacks as callbacks_lib
 from fedjax_lab.training import client_state_store as state_store
-from fedjax_lab.training import metrics_io
-from fedjax_lab.training import privacy_run
 from fedjax_lab.training import processes
+from fedjax_lab.training import run_lifecycle
 from fedjax_lab.training import setup
 from fedjax_lab.training import state_files
 from fedjax_lab.training import workdir as workdir_lib
-from fedjax_lab.training.setup import Experiment, describe_devices
+from fedjax_lab.training.setup import Experiment
 
 
-# The server state after the last round (load with state_files.load_pytree and
-# a freshly initialised server state as the template). In a DP run it holds
-# the model parameters only (the release): the rest of the server state
-# (optimizer and aggregator state, DP-FTRL's tree key) stays in the
-# checkpoints. load_final_state reads either.
-FINAL_STATE_FILE = "final_state.npz"
-
-
-SUMMARY_FILE = workdir_lib.SUMMARY_FILE
-
-
-class DivergedError(RuntimeError):
-  """Training produced a non-finite loss; metrics up to that round are kept."""
-
-
-class RunInterrupted(RuntimeError):
-  """SIGINT/SIGTERM stopped the run after a round; a checkpoint was written."""
-
-
-@contextlib.contextmanager
-def _stop_requests() -> Iterator[list[str]]:
-  """Collects SIGINT/SIGTERM as stop requests while the loop runs.
-
-  The first signal asks the loop to stop after the current round (and write a
-  checkpoint); a second one interrupts at once. Outside the main thread
-  (where handlers cannot be installed) signals keep their default behaviour.
-  """
-  requests: list[str] = []
-  if threading.current_thread() is not threading.main_thread():
-    yield requests
-    return
-
-  def handler(signum, frame):
-    del frame
-    if requests:
-      raise KeyboardInterrupt
-    requests.append(signal.Signals(signum).name)
-
-  previous = {sig: signal.signal(sig, handler)
-              for sig in (signal.SIGINT, signal.SIGTERM)}
-  try:
-    yield requests
-  finally:
-    for sig, old in previous.items():
-      signal.signal(sig, old)
+FINAL_STATE_FILE = run_lifecycle.FINAL_STATE_FILE
+SUMMARY_FILE = run_lifecycle.SUMMARY_FILE
+DivergedError = run_lifecycle.DivergedError
+initial_server_state = run_lifecycle.initial_server_state
+RunInterrupted = run_lifecycle.RunInterrupted
 
 
 def _to_python(metrics: dict[str, Any]) -> dict[str, float]:
@@ -135,108 +87,13 @@ def run_experiment(exp: Experiment, workdir: str,
     return _run_experiment(exp, workdir, show_progress, callbacks)
 
 
-def initial_server_state(exp: Experiment) -> Any:
-  """The server state before round 1 (the model initialised from
-  ``config.seed``); also the template to load a run's saved state into."""
-  params = exp.model.init(
-      jax.random.fold_in(jax.random.key(exp.config.seed), 0))
-  return exp.algorithm.server_init(params)
-
-
-def _open_run(exp: Experiment, workdir: str, group: processes.ProcessGroup
-              ) -> tuple[callbacks_lib.RunState,
-                         workdir_lib.RunCheckpoints | None]:
-  """Initialises the states, opens or resumes ``workdir``, starts the
-  privacy bookkeeping; returns the run's state and its checkpoints (None on
-  a process other than the coordinator, which writes nothing)."""
-  config = exp.config
-  privacy = exp.privacy
-  config_dict = privacy_run.resolved_config(
-      json.loads(config.to_json_best_effort()), privacy)
-  server_state = initial_server_state(exp)
-  params = server_state.params
-  disk = state_store.on_disk(exp)
-  if group.multiprocess:
-    state_store.refuse_across_processes(exp)
-  client_states = None if disk else state_store.initial_states(exp, params)
-  accountant = None
-  if privacy is not None:
-    accountant = accounting.RoundAccountant(privacy.spec, privacy.delta)
-  checkpoints, start_round, restored, saved = None, 0, None, {}
-  keep = config.get("checkpoints_to_keep", 3)
-  if group.coordinator:
-    checkpoints, start_round, restored, saved = workdir_lib.open_or_resume(
-        workdir, config_dict, (server_state, client_states),
-        checkpoints_to_keep=keep, accountant=accountant)
-    if disk:
-      try:
-        client_states = state_store.open_disk_store(
-            exp, workdir, params, saved if restored is not None else None,
-            keep)
-      except BaseException:
-        checkpoints.close()
-        raise
-      if restored is not None:
-        restored = (restored[0], client_states)
-  if group.multiprocess:
-    # The coordinator alone reads the workdir; the others start from what
-    # it found (the checkpoint record carries the secret seed).
-    shared = group.agree({"start_round": start_round, "saved": saved,
-                          "restored": restored is not None})
-    start_round, saved = shared["start_round"], shared["saved"]
-    if shared["restored"]:
-      restored = group.agree_state(
-          restored if group.coordinator else (server_state, client_states))
-  if restored is not None:
-    server_state, client_states = restored
-  try:
-    private = privacy_run.PrivacyRun.start(
-        privacy, evaluation_reads_train_data=exp.evaluate_params is not None,
-        checkpoint_record=saved if restored is not None else None,
-        accountant=accountant)
-  except privacy_run.MissingSecretError as e:
-    if checkpoints is not None:
-      checkpoints.close()
-    raise workdir_lib.ResumeError(f"{workdir}: {e}") from None
-  if group.multiprocess and private.seed is not None:
-    # One secret seed for the run: every process draws the same noise and
-    # samples the same cohorts.
-    private = dataclasses.replace(
-        private, seed=distributed.broadcast_int(private.seed))
-  run = callbacks_lib.RunState(
-      experiment=exp, workdir=workdir, config_dict=config_dict,
-      private=private, accountant=accountant, start_round=start_round,
-      resumed=restored is not None, saved=saved, server_state=server_state,
-      client_states=client_states, rounds_done=start_round,
-      last_eval=dict(saved.get("last_eval", {})),
-      seconds_before=saved.get("seconds", 0.0))
-  return run, checkpoints
-
-
-def _fixed_cohort_size(config, sampler) -> int | None:
-  """The size every round's cohort is padded to (one compilation): the
-  config's cohort size, a replayed schedule's largest cohort, or None for
-  Poisson sampling (padded to geometric buckets)."""
-  if isinstance(sampler, sampling.ScheduleSampler):
-    return max((len(cohort) for cohort in sampler.cohorts), default=1)
-  return config.cohort_size if config.sampling != "poisson" else None
-
-
-def _first_stop(callbacks: Sequence[callbacks_lib.Callback],
-                run: callbacks_lib.RunState) -> str | None:
-  """The first callback's reason to stop after ``run.rounds_done`` rounds.
-  Every callback is asked (each may keep its own state up to date)."""
-  reasons = [callback.should_stop(run) for callback in callbacks]
-  return next((reason for reason in reasons if reason), None)
-
-
 def _agreed_stop(callbacks: Sequence[callbacks_lib.Callback],
                  run: callbacks_lib.RunState, stop_requests: Sequence[str],
                  group: processes.ProcessGroup) -> tuple[str | None,
                                                          str | None]:
   """``(stop reason, signal received)`` as the coordinator sees them, on
   every process (the others run no callbacks and follow it)."""
-  decision = group.agree([_first_stop(callbacks, run),
+  decision = group.agree([run_lifecycle.first_stop(callbacks, run),
                           stop_requests[0] if stop_requests else None])
   return decision[0], decision[1]
 
@@ -251,7 +108,7 @@ def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
   if config.get("shard_clients", True) and jax.device_count() > 1:
     mesh = round_lib.client_mesh()
   group = processes.ProcessGroup(mesh)
-  run, checkpoints = _open_run(exp, workdir, group)
+  run, checkpoints = run_lifecycle.open_run(exp, workdir, group)
   private, accountant = run.private, run.accountant
   callbacks: list[callbacks_lib.Callback] = []
   if group.coordinator:
@@ -279,7 +136,7 @@ def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
   device_server_state = group.replicate(run.server_state)
   train = exp.dataset.train
   client = config.client
-  fixed_cohort_size = _fixed_cohort_size(config, sampler)
+  fixed_cohort_size = run_lifecycle.fixed_cohort_size(config, sampler)
   client_rows = group.client_rows()
 
   def produce(round_index: int):
@@ -309,7 +166,7 @@ def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
     run.stop_reason, _ = _agreed_stop(callbacks, run, (), group)
     rounds = range(run.start_round,
                    run.start_round if run.stop_reason else config.num_rounds)
-    with _stop_requests() as stop_requests, Prefetcher(
+    with run_lifecycle.stop_requests() as stop_requests, Prefetcher(
         produce, rounds) as prefetcher:
       while True:
         wait_start = time.perf_counter()
@@ -325,28 +182,16 @@ def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
         metrics = _to_python(metrics)
         run.server_state = group.host_server_state(device_server_state)
         run.metric_origins = round_fn.metric_origins()
-        run.record = {
-            "round": round_index + 1, **metrics,
-            "cohort_padded_size": int(padded_size),
-            "local_steps_padded": int(cohort["example_mask"].shape[1]),
-            **private.round_metrics(round_index),
-            "seconds": time.perf_counter() - round_start,
-            # Host work: building this cohort (in the background, overlapped
-            # with the previous round) and the part the loop waited for.
-            "host_prepare_seconds": prepare_s,
-            "host_wait_seconds": round_start - wait_start}
-        if _diverged(metrics, private):
+        run.record = run_lifecycle.round_record(
+            round_index, metrics, padded_size,
+            cohort["example_mask"].shape[1], private,
+            seconds=time.perf_counter() - round_start,
+            prepare_seconds=prepare_s, wait_seconds=round_start - wait_start)
+        if run_lifecycle.diverged(metrics, private):
           for callback in callbacks:
             callback.on_diverged(run)
-          kept = checkpoints.steps() if checkpoints is not None else []
-          raise DivergedError(
-              f"round {round_index + 1}: " + _divergence(metrics, private) +
-              "; training diverged. Lower client.learning_rate or "
-              "server.learning_rate. Metrics up to here are in "
-              f"{os.path.join(workdir, 'metrics.jsonl')}; " + (
-                  f"the last good checkpoint (round {kept[-1]}) is kept in "
-                  f"{os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)}."
-                  if kept else "no checkpoint was written yet."))
+          raise run_lifecycle.divergence_error(round_index, metrics, private,
+                                               workdir, checkpoints)
         new_states, new_indices = group.new_client_states(new_states, placed,
                                                           cohort)
         run.client_states = round_lib.scatter_client_states(
@@ -375,43 +220,10 @@ def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
     for callback in reversed(callbacks):
       callback.close()
     state_store.close(run.client_states)
-  summary = (_write_results(run, round_fn.trace_count())
+  summary = (run_lifecycle.write_results(run, round_fn.trace_count())
              if group.coordinator else None)
   # Every process returns once the coordinator has written the results.
   return group.agree(summary)
-
-
-def _write_results(run: callbacks_lib.RunState,
-                   compilations: int) -> dict[str, Any]:
-  """Writes ``summary.json`` and ``final_state.npz`` (the parameters only
-  in a DP run); returns the summary as released."""
-  exp, private = run.experiment, run.private
-  last_eval = run.last_eval
-  summary = {
-      "final_eval_accuracy": last_eval.get("accuracy"),
-      "final_eval_loss": last_eval.get("loss"),
-      **{f"final_eval_{k}": v for k, v in last_eval.items()
-         if k not in ("accuracy", "loss")},
-      "rounds": run.rounds_done,
-      "stopped_early": run.stop_reason,
-      "seconds": run.seconds(),
-      "resumed_from_round": run.start_round or None,
-      "algorithm": exp.algorithm.name,
-      "dataset": exp.dataset.name,
-      "model": exp.config.model.name,
-      "strategy": exp.strategy.label,
-      "compilations": compilations,
-      "devices": describe_devices(),
-      "workdir": run.workdir,
-      **run.summary,
-  }
-  summary.update(private.summary_fields(run.rounds_done))
-  summary = private.release_summary(summary)
-  state_files.save_pytree(os.path.join(run.workdir, FINAL_STATE_FILE),
-                          run.server_state.params if private.private
-                          else run.server_state)
-  metrics_io.write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
-  return summary
 
 
 def load_final_state(workdir: str, like: Any) -> Any:
@@ -424,24 +236,3 @@ def load_final_state(workdir: str, like: Any) -> Any:
   if num_arrays == len(jax.tree.leaves(like)):
     return state_files.load_pytree(path, like)
   return state_files.load_pytree(path, like.params)
-
-
-def _diverged(metrics: dict[str, float],
-              private: privacy_run.PrivacyRun) -> bool:
-  """Whether a round diverged. A DP run judges by the released parameters
-  only: whether a client's training loss was finite is private (a client's
-  non-finite update is zeroed by clipping and cannot reach the model)."""
-  if metrics.get("params_finite", 1.0) < 1.0:
-    return True
-  return not private.private and not math.isfinite(
-      metrics.get("train_loss", 0.0))
-
-
-def _divergence(metrics: dict[str, float],
-                private: privacy_run.PrivacyRun) -> str:
-  params = ("finite" if metrics.get("params_finite", 1.0) >= 1.0
-            else "NOT finite")
-  if private.private and not private.plan.release_diagnostics:
-    return f"the model parameters are {params}"
-  return (f"train_loss is {metrics.get('train_loss')} and the model "
-          f"parameters are {params}")
