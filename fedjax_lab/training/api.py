@@ -39,6 +39,8 @@ from fedjax_lab.data.federated import FederatedDataset
 from fedjax_lab.training import callbacks as callbacks_lib
 from fedjax_lab.training import defaults
 from fedjax_lab.training import loop
+from fedjax_lab.training import member_loop
+from fedjax_lab.training import member_setup
 from fedjax_lab.training import metrics_io
 from fedjax_lab.training import setup
 from fedjax_lab.training import state_files
@@ -54,12 +56,15 @@ class SimulationResult:
     history: one dict per round, as written to ``metrics.jsonl``.
     params: the final model parameters (the released model in a DP run).
     workdir: where the run's files are (a temporary folder unless given).
+    error: :func:`simulate_sweep` only: why this member did not finish (a
+      ``loop.DivergedError``; ``summary`` and ``params`` are then None).
   """
 
-  summary: dict[str, Any]
+  summary: dict[str, Any] | None
   history: list[dict[str, Any]]
   params: Any
   workdir: str
+  error: BaseException | None = None
 
 
 # Blocks whose keys depend on a choice (the dataset's load() arguments, the
@@ -145,12 +150,76 @@ def simulate(config: ml_collections.ConfigDict | setup.Experiment, *,
   summary = loop.run_experiment(experiment, workdir,
                                 show_progress=show_progress,
                                 callbacks=callbacks)
-  history = metrics_io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  like = loop.initial_server_state(experiment)
-  path = os.path.join(workdir, loop.FINAL_STATE_FILE)
-  if experiment.privacy is not None:  # a DP run keeps the parameters only
-    params = state_files.load_pytree(path, like.params)
-  else:
-    params = state_files.load_pytree(path, like).params
+  return _result(experiment, workdir, summary)
+
+
+def _result(experiment: setup.Experiment, workdir: str,
+            summary: dict[str, Any] | None,
+            error: BaseException | None = None) -> SimulationResult:
+  """A finished run's result read back from its workdir."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  history = metrics_io.read_jsonl(path) if os.path.exists(path) else []
+  params = None
+  if summary is not None:
+    like = loop.initial_server_state(experiment)
+    path = os.path.join(workdir, loop.FINAL_STATE_FILE)
+    if experiment.privacy is not None:  # a DP run keeps the parameters only
+      params = state_files.load_pytree(path, like.params)
+    else:
+      params = state_files.load_pytree(path, like).params
   return SimulationResult(summary=summary, history=history, params=params,
-                          workdir=workdir)
+                          workdir=workdir, error=error)
+
+
+def simulate_sweep(configs: Sequence[ml_collections.ConfigDict], *,
+                   workdirs: Sequence[str] | None = None,
+                   max_members: int = 0,
+                   show_progress: bool = False) -> list[SimulationResult]:
+  """Runs sweep members side by side, as few compiled programs as possible.
+
+  Members whose configs differ only in numbers the round uses (learning
+  rates, optimizer hyperparameters, FedProx mu, DP clip norm and noise
+  multiplier, adaptive clipping and DP-FTRL settings) and in host values
+  (seeds, rounds, evaluation and checkpoint settings, the privacy budget)
+  train as one program with a leading member axis
+  (:mod:`fedjax_lab.training.member_loop`); configs differing elsewhere go
+  to separate programs (:func:`member_setup.group_members`). Each member's
+  workdir, metrics, checkpoints, epsilon and summary are those of a separate
+  :func:`simulate` of its config; a member that diverges is frozen (its
+  result carries the error) and the others go on.
+
+  Args:
+    configs: one config per member.
+    workdirs: one per member (unfinished runs there are resumed); default:
+      new temporary folders.
+    max_members: at most this many members per program (0: no cap), to
+      bound memory.
+    show_progress: a line per round per program on stderr.
+
+  Returns:
+    One :class:`SimulationResult` per config, in order.
+
+  Raises:
+    setup.ConfigError: a config is invalid (nothing runs).
+    ValueError: members that cannot share a program after all (an algorithm
+      that uses a swept number in Python); run them with :func:`simulate`.
+    loop.RunInterrupted, workdir errors: as :func:`simulate`.
+  """
+  if workdirs is None:
+    workdirs = [tempfile.mkdtemp(prefix="fedjax_lab-member-")
+                for _ in configs]
+  if len(workdirs) != len(configs):
+    raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs.")
+  results: list[SimulationResult | None] = [None] * len(configs)
+  for indices in member_setup.group_members(configs, max_members):
+    experiments = []
+    for index in indices:
+      experiments.append(setup.build_experiment(
+          configs[index], like=experiments[0] if experiments else None))
+    outcomes = member_loop.run_members(
+        experiments, [workdirs[i] for i in indices],
+        show_progress=show_progress)
+    for index, exp, outcome in zip(indices, experiments, outcomes):
+      results[index] = _result(exp, outcome.workdir, outcome.summary,
+                               outcome.error)
+  return results

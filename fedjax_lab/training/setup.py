@@ -344,7 +344,8 @@ def _check_given(config, *, dataset, sampler, model, mechanism: str) -> None:
 def build_experiment(config: ml_collections.ConfigDict, *,
                      dataset: FederatedDataset | None = None,
                      sampler: sampling.ClientSampler | None = None,
-                     model: models.Model | None = None) -> Experiment:
+                     model: models.Model | None = None,
+                     like: Experiment | None = None) -> Experiment:
   """Validates ``config`` and builds the dataset, model, algorithm, sampler.
 
   ``dataset`` (e.g. :meth:`FederatedDataset.from_client_arrays` of your own
@@ -352,11 +353,24 @@ def build_experiment(config: ml_collections.ConfigDict, *,
   ScheduleSampler` replaying a list of cohorts) and ``model`` replace what
   ``config.data`` / ``config.sampling`` / ``config.model`` would build; a
   config key that names something else is an error, never ignored.
+  ``like``: an experiment built from a config with the same ``data`` and
+  ``model`` blocks whose dataset and model objects are reused instead of
+  loading and building them again (sweep members of one program).
   """
   validate(config)
+  if like is not None:
+    if (config.data.to_dict() != like.config.data.to_dict() or
+        config.model.to_dict() != like.config.model.to_dict()):
+      raise ConfigError("build_experiment(like=...) needs the same data and "
+                        "model blocks as the experiment it reuses.")
   mechanism = config.get("privacy", {}).get("mechanism", "none")
-  _check_given(config, dataset=dataset, sampler=sampler, model=model,
-               mechanism=mechanism)
+  if like is None:
+    _check_given(config, dataset=dataset, sampler=sampler, model=model,
+                 mechanism=mechanism)
+  else:
+    _check_given(config, dataset=None, sampler=sampler, mechanism=mechanism,
+                 model=None if config.model.get("name", "") else like.model)
+    dataset, model = like.dataset, like.model
   if dataset is None:
     dataset = load_dataset(config.data.name, **_kwargs(config.data))
   num_clients = dataset.train.num_clients
