@@ -2,7 +2,8 @@ r"""Resumable, parallel hyperparameter sweeps over one config.
 
   python -m experiments.sweep --config=configs/NAME.py --workdir=DIR \
       --sweep="client.learning_rate=0.1,0.3 privacy.noise_multiplier=0.5,1" \
-      [--parallel=N] [--rank_by=eval_accuracy] [--rank_mode=max] [--quiet] \
+      [--parallel=N | --vectorize [--vectorize_max_members=K]] \
+      [--rank_by=eval_accuracy] [--rank_mode=max] [--quiet] \
       [--config.KEY=VALUE ...]
   fedjax-lab sweep ...                   (the same, from any directory)
 
@@ -10,7 +11,13 @@ Every member (``--sweep`` syntax, ``@FILE`` included:
 ``experiments/lib/sweep_spec.py``)
 runs as its own ``python -m experiments.run`` process in ``DIR/<slug>``, its
 output in ``DIR/<slug>/log.txt``; ``--parallel=N`` runs N at a time, a
-failed member does not stop the others. ``DIR/sweep.json`` records the config,
+failed member does not stop the others. ``--vectorize`` instead trains the
+members in this process as few compiled programs as possible, each a leading
+member axis of one jitted round (members that differ only in learning rates,
+optimizer hyperparameters, FedProx mu, DP clip norm / noise multiplier /
+adaptive-clipping settings, seeds, rounds or the privacy budget share one;
+``experiments/lib/vectorized.py``), at most ``--vectorize_max_members`` per
+program; each member's folder is written as its own run would write it. ``DIR/sweep.json`` records the config,
 the overrides, the spec and the members. Rerun the command (or just
 ``--workdir=DIR``) to finish an interrupted sweep: members with a
 ``summary.json`` are kept, interrupted ones are moved aside to
@@ -43,6 +50,7 @@ from experiments.lib import cli
 from experiments.lib import paths
 from experiments.lib import sweep_spec
 from experiments.lib import sweep_summary
+from experiments.lib import vectorized
 
 _ROOT = paths.REPO_ROOT
 paths.ensure_configs_importable()
@@ -69,6 +77,13 @@ _FORCE_NEW_SPEC = flags.DEFINE_bool(
     "force_new_spec", False, "Replace DIR's recorded sweep by this one; "
     "finished members it shares (same config and overrides) are kept.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No per-member progress lines.")
+_VECTORIZE = flags.DEFINE_bool(
+    "vectorize", False, "Train the members in this process as compiled "
+    "programs with a leading member axis (members differing only in numbers "
+    "and seeds share one).")
+_VECTORIZE_MAX_MEMBERS = flags.DEFINE_integer(
+    "vectorize_max_members", 0, "With --vectorize: at most this many members "
+    "per program (0: no cap); bounds memory.", lower_bound=0)
 
 
 def move_aside(path: str, tag: str) -> str:
@@ -352,14 +367,22 @@ def main(argv: Sequence[str]) -> None:
       move_aside(path, "replaced")
     sweep_summary.write_json(path, record)
   jobs = _jobs(workdir, record)
+  if _VECTORIZE.value and _PARALLEL.value > 1:
+    cli.fail("--vectorize trains the members in this process; leave out "
+             "--parallel")
   if not _QUIET.value:
+    how = ("vectorized" if _VECTORIZE.value
+           else f"{_PARALLEL.value} at a time")
     print(f"sweep: {len(record['members'])} members, "
           f"{len(record['members']) - len(jobs)} already done, running "
-          f"{len(jobs)} ({_PARALLEL.value} at a time) in {workdir}",
-          file=sys.stderr)
+          f"{len(jobs)} ({how}) in {workdir}", file=sys.stderr)
   signal.signal(signal.SIGTERM, _terminate_as_interrupt)
   try:
-    run_jobs(jobs, record, _PARALLEL.value, _QUIET.value)
+    if _VECTORIZE.value:
+      vectorized.run_groups(workdir, record, [job.member for job in jobs],
+                            _VECTORIZE_MAX_MEMBERS.value, _QUIET.value)
+    else:
+      run_jobs(jobs, record, _PARALLEL.value, _QUIET.value)
   except KeyboardInterrupt:
     sweep_summary.write_summary(workdir, record, rank_by, rank_mode)
     print("sweep: interrupted; rerun the command to continue", file=sys.stderr)

@@ -45,7 +45,7 @@ def _one_line(text: str) -> str:
   return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _load_config(path: str) -> Any:
+def load_config(path: str) -> Any:
   """The config a ``--config=FILE[:mode]`` flag names (no overrides)."""
   from experiments.lib import paths  # pylint: disable=g-import-not-at-top
   paths.ensure_configs_importable()
@@ -75,7 +75,7 @@ def config_problem(path: str) -> str | None:
             (f"; configs in {folder}/: {', '.join(known)}" if known else "") +
             ".")
   try:
-    config = _load_config(path)
+    config = load_config(path)
   except ValueError as e:  # e.g. configs/common.py's unknown mode
     return f"config {path!r}: {_one_line(str(e))}"
   except TypeError as e:
@@ -113,7 +113,7 @@ def explain_flag_error(argv: Sequence[str], error: Exception,
                if a.startswith("--config.")]
   if overrides:
     try:
-      valid = sweep_spec.config_leaves(_load_config(path))
+      valid = sweep_spec.config_leaves(load_config(path))
     except Exception:  # pylint: disable=broad-except
       valid = None
     if valid is not None:
