@@ -15,8 +15,9 @@ goes back to the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,34 @@ def absorb(pre_round: base.PreRound, server_state: base.ServerState,
   return pre_round.absorb(server_state, mean)
 
 
+# The vmapped member axis being traced (engine/members.py), if any: a step is
+# skipped only when no client of any member needs it.
+_MEMBER_AXES: list[str] = []
+
+
+@contextlib.contextmanager
+def member_axis(name: str) -> Iterator[None]:
+  """While a round is traced under ``jax.vmap(..., axis_name=name)`` over
+  sweep members: the step-skip test reduces over the members, so it stays
+  one unbatched ``lax.cond`` (a per-member test would become a ``select``
+  running every padded step of every member; a member whose clients have no
+  example in the step is left unchanged by :func:`masked_step` anyway)."""
+  _MEMBER_AXES.append(name)
+  try:
+    yield
+  finally:
+    _MEMBER_AXES.pop()
+
+
+def any_example(step_mask: jax.Array) -> jax.Array:
+  """Whether any client of the group (of any member, inside
+  :func:`member_axis`) has a real example in this step."""
+  need = jnp.any(step_mask > 0)
+  if _MEMBER_AXES:
+    need = jax.lax.psum(need.astype(jnp.int32), _MEMBER_AXES[-1]) > 0
+  return need
+
+
 def masked_step(algorithm: base.FederatedAlgorithm):
   """A local step that is the identity when every example is masked."""
 
@@ -127,7 +156,7 @@ def group_fn(algorithm: base.FederatedAlgorithm, step_loop: str,
                                                         client_states)
 
     def step_or_skip(carry, batch, step_mask):
-      return jax.lax.cond(jnp.any(step_mask > 0), step, lambda c, b, m: c,
+      return jax.lax.cond(any_example(step_mask), step, lambda c, b, m: c,
                           carry, batch, step_mask)
 
     rngs = client_rngs(round_rng, client_indices)

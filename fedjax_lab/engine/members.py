@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.algorithms import base
+from fedjax_lab.engine import clients
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.strategy import Strategy
 
@@ -46,6 +47,7 @@ PyTree = Any
 MakeAlgorithm = Callable[[PyTree], base.FederatedAlgorithm]
 MemberRoundFn = Callable[..., tuple[base.ServerState, PyTree,
                                     dict[str, jax.Array]]]
+MEMBER_AXIS = "members"  # the vmapped axis name of the member round
 
 
 def num_members(hparams: PyTree) -> int:
@@ -165,7 +167,8 @@ def build_member_round(make_algorithm: MakeAlgorithm, strategy: Strategy,
                  noise_rng):
     algorithm = make_algorithm(hparams)
     round_fn = round_lib.build_round(algorithm, strategy, donate=False)
-    outputs = round_fn(server_state, cohort, client_states, rng, noise_rng)
+    with clients.member_axis(MEMBER_AXIS):
+      outputs = round_fn(server_state, cohort, client_states, rng, noise_rng)
     origins.update(round_fn.metric_origins())
     return outputs
 
@@ -184,9 +187,11 @@ def build_member_round(make_algorithm: MakeAlgorithm, strategy: Strategy,
       _check_member_axis(name, tree, size)
     if noise_rngs is None:
       run = lambda h, s, c, cs, r: one_member(h, s, c, cs, r, None)
-      return jax.vmap(run, in_axes=(0, 0, cohort_axis, 0, 0))(
+      return jax.vmap(run, in_axes=(0, 0, cohort_axis, 0, 0),
+                      axis_name=MEMBER_AXIS)(
           hparams, server_states, cohort, client_states, rngs)
-    return jax.vmap(one_member, in_axes=(0, 0, cohort_axis, 0, 0, 0))(
+    return jax.vmap(one_member, in_axes=(0, 0, cohort_axis, 0, 0, 0),
+                    axis_name=MEMBER_AXIS)(
         hparams, server_states, cohort, client_states, rngs, noise_rngs)
 
   fn = jax.jit(member_round_fn, donate_argnums=(1, 3) if donate else ())
