@@ -7,6 +7,7 @@ as ``eval_<metric>`` each evaluation round.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Mapping
 
 import jax
@@ -48,4 +49,23 @@ def build_evaluator(model: model_base.Model
     return {name: float(v) / max(float(n), 1e-12)
             for name, (v, n) in total.items()}
 
+  return evaluate
+
+
+# id(model) -> (weak reference to the model, its evaluator).
+_SHARED: dict[int, tuple[weakref.ref, Callable]] = {}
+
+
+def shared_evaluator(model: model_base.Model
+                     ) -> Callable[[Any, Mapping[str, np.ndarray], np.ndarray],
+                                   dict[str, float]]:
+  """:func:`build_evaluator` of ``model``, built (and compiled) once per
+  model object: sweep members sharing one model share its compilations."""
+  entry = _SHARED.get(id(model))
+  if entry is not None and entry[0]() is model:
+    return entry[1]
+  for key in [k for k, (ref, _) in _SHARED.items() if ref() is None]:
+    del _SHARED[key]
+  evaluate = build_evaluator(model)
+  _SHARED[id(model)] = (weakref.ref(model), evaluate)
   return evaluate

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.evaluation import personalization as personalize_lib
-from fedjax_lab.evaluation.central import build_evaluator
+from fedjax_lab.evaluation.central import shared_evaluator
 from fedjax_lab.engine import strategy as strategy_lib
 from fedjax_lab.privacy import accounting
 from fedjax_lab.training import privacy_run
@@ -190,7 +190,7 @@ class Evaluation(Callback):
     if experiment.evaluate_params is not None:
       self.evaluate = experiment.evaluate_params
       return
-    evaluate = build_evaluator(experiment.model)
+    evaluate = shared_evaluator(experiment.model)
     max_examples = config.get("eval_max_examples", 0) or None
     splits = {"test": experiment.dataset.test}
     if self.train_split:
