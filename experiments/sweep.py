@@ -345,6 +345,9 @@ def main(argv: Sequence[str]) -> None:
   if not workdir:
     cli.fail("--workdir is required")
   rank_by, rank_mode = _RANK_BY.value, _RANK_MODE.value
+  if _VECTORIZE.value and _PARALLEL.value > 1:
+    cli.fail("--vectorize trains the members in this process; leave out "
+             "--parallel")
   if _SUMMARIZE_ONLY.value:
     record = sweep_summary.read_json(os.path.join(workdir, SWEEP_FILE))
     if record is None:
@@ -367,9 +370,6 @@ def main(argv: Sequence[str]) -> None:
       move_aside(path, "replaced")
     sweep_summary.write_json(path, record)
   jobs = _jobs(workdir, record)
-  if _VECTORIZE.value and _PARALLEL.value > 1:
-    cli.fail("--vectorize trains the members in this process; leave out "
-             "--parallel")
   if not _QUIET.value:
     how = ("vectorized" if _VECTORIZE.value
            else f"{_PARALLEL.value} at a time")

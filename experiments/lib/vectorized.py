@@ -92,21 +92,24 @@ def run_groups(workdir: str, record: dict[str, Any],
   runnable = [m for m in members if m["slug"] in configs]
   groups = member_setup.group_members(
       [configs[m["slug"]] for m in runnable], max_members)
-  for number, indices in enumerate(groups, 1):
+  number = 0
+  while groups:
+    indices = groups.pop(0)
+    number += 1
     group = [runnable[i] for i in indices]
     slugs = [m["slug"] for m in group]
     dirs = [os.path.join(workdir, slug) for slug in slugs]
     experiments, kept = [], []
     for member, member_dir in zip(group, dirs):
       _log(member_dir, f"trained with {len(group) - 1} other member(s) as "
-           f"one program (vectorized group {number} of {len(groups)}): "
+           f"one program (vectorized group {number}): "
            f"{', '.join(slugs)}", "w")
       try:
         experiments.append(setup.build_experiment(
             configs[member["slug"]],
             like=experiments[0] if experiments else None))
         kept.append((member, member_dir))
-      except setup.ConfigError as e:
+      except (setup.ConfigError, ValueError, TypeError, FileNotFoundError) as e:
         _log(member_dir, f"error: {e}")
         _write_info(member_dir, member, record, slugs, exit_code=2)
         codes[member["slug"]] = 2
@@ -118,8 +121,8 @@ def run_groups(workdir: str, record: dict[str, Any],
                   started=time.strftime("%Y-%m-%d %H:%M:%S"), exit_code=None,
                   wall_seconds=None)
     if not quiet:
-      print(f"sweep: group {number}/{len(groups)}: {len(kept)} members as "
-            "one program", file=sys.stderr)
+      print(f"sweep: group {number}: {len(kept)} members as one program",
+            file=sys.stderr)
     try:
       outcomes = member_loop.run_members(
           experiments, [d for _, d in kept], show_progress=not quiet)
@@ -127,6 +130,14 @@ def run_groups(workdir: str, record: dict[str, Any],
       for _, member_dir in kept:
         _log(member_dir, f"interrupted: {e}")
       raise KeyboardInterrupt from e
+    except member_setup.NotVectorizable as e:
+      if len(kept) == 1:
+        outcomes = [member_loop.MemberOutcome(kept[0][1], None, e)]
+      else:
+        print(f"sweep: {e} Running these {len(kept)} members as a program "
+              "each.", file=sys.stderr)
+        groups[:0] = [[indices[group.index(member)]] for member, _ in kept]
+        continue
     except (ValueError, FileExistsError, OSError) as e:
       outcomes = [member_loop.MemberOutcome(d, None, e) for _, d in kept]
     wall = time.perf_counter() - started

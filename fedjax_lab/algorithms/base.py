@@ -165,6 +165,21 @@ class ClientStates(NamedTuple):
   aggregation: PyTree
 
 
+def positive_number(name: str, value: Any) -> Any:
+  """``float(value)`` after checking ``value > 0``; a traced value (a sweep
+  member's hyperparameter inside the member program) is returned as it is,
+  its concrete values having been checked when each member was built.
+
+  Raises:
+    ValueError: a concrete ``value`` that is not > 0.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return value
+  if not value > 0:
+    raise ValueError(f"{name} must be > 0, got {value!r}.")
+  return float(value)
+
+
 def as_transform(link: Aggregator | Transform) -> Transform:
   """``link`` as a :class:`Transform` (an :class:`Aggregator` gets the
   client's noise key and no per-client state)."""

@@ -141,12 +141,8 @@ def _full_batch_pre_round(model: model_base.Model,
 def _check_arguments(client_learning_rate: float, server_learning_rate: float,
                      weighting: str) -> None:
   local.check_weighting(weighting)
-  if not client_learning_rate > 0:
-    raise ValueError("client_learning_rate must be > 0, got "
-                     f"{client_learning_rate!r}.")
-  if not server_learning_rate > 0:
-    raise ValueError("server_learning_rate must be > 0, got "
-                     f"{server_learning_rate!r}.")
+  base.positive_number("client_learning_rate", client_learning_rate)
+  base.positive_number("server_learning_rate", server_learning_rate)
 
 
 def _build(model: model_base.Model,
@@ -157,8 +153,9 @@ def _build(model: model_base.Model,
   """Mime (``lite=False``) or MimeLite (``lite=True``); see the module doc."""
   _check_arguments(client_learning_rate, server_learning_rate, weighting)
   aggregator = aggregator or base.weighted_mean()
-  lr = float(client_learning_rate)
-  server_lr = float(server_learning_rate)
+  lr = base.positive_number("client_learning_rate", client_learning_rate)
+  server_lr = base.positive_number("server_learning_rate",
+                                   server_learning_rate)
 
   def server_init(params):
     return base.ServerState(

@@ -155,11 +155,8 @@ def scaffold(model: model_base.Model,
   if num_clients is None or int(num_clients) < 1:
     raise ValueError("num_clients (the population size N) is required and "
                      f"must be >= 1, got {num_clients!r}.")
-  if not client_learning_rate > 0:
-    raise ValueError("client_learning_rate must be > 0, got "
-                     f"{client_learning_rate!r}.")
+  lr = base.positive_number("client_learning_rate", client_learning_rate)
   population = float(num_clients)
-  lr = float(client_learning_rate)
   if expected_cohort_size is not None and not expected_cohort_size > 0:
     raise ValueError("expected_cohort_size must be > 0, got "
                      f"{expected_cohort_size!r}.")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 from typing import Any, Sequence
 
@@ -186,7 +187,9 @@ def simulate_sweep(configs: Sequence[ml_collections.ConfigDict], *,
   to separate programs (:func:`member_setup.group_members`). Each member's
   workdir, metrics, checkpoints, epsilon and summary are those of a separate
   :func:`simulate` of its config; a member that diverges is frozen (its
-  result carries the error) and the others go on.
+  result carries the error) and the others go on. Members whose algorithm
+  needs a differing number in Python (``member_setup.NotVectorizable``) run
+  as programs of one member each.
 
   Args:
     configs: one config per member.
@@ -201,8 +204,7 @@ def simulate_sweep(configs: Sequence[ml_collections.ConfigDict], *,
 
   Raises:
     setup.ConfigError: a config is invalid (nothing runs).
-    ValueError: members that cannot share a program after all (an algorithm
-      that uses a swept number in Python); run them with :func:`simulate`.
+    ValueError: a group that cannot run as members (e.g. a host step loop).
     loop.RunInterrupted, workdir errors: as :func:`simulate`.
   """
   if workdirs is None:
@@ -211,14 +213,24 @@ def simulate_sweep(configs: Sequence[ml_collections.ConfigDict], *,
   if len(workdirs) != len(configs):
     raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs.")
   results: list[SimulationResult | None] = [None] * len(configs)
-  for indices in member_setup.group_members(configs, max_members):
+  groups = member_setup.group_members(configs, max_members)
+  while groups:
+    indices = groups.pop(0)
     experiments = []
     for index in indices:
       experiments.append(setup.build_experiment(
           configs[index], like=experiments[0] if experiments else None))
-    outcomes = member_loop.run_members(
-        experiments, [workdirs[i] for i in indices],
-        show_progress=show_progress)
+    try:
+      outcomes = member_loop.run_members(
+          experiments, [workdirs[i] for i in indices],
+          show_progress=show_progress)
+    except member_setup.NotVectorizable as e:
+      if len(indices) == 1:
+        raise
+      print(f"{e} Running these {len(indices)} members as a program each.",
+            file=sys.stderr)
+      groups[:0] = [[index] for index in indices]
+      continue
     for index, exp, outcome in zip(indices, experiments, outcomes):
       results[index] = _result(exp, outcome.workdir, outcome.summary,
                                outcome.error)

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from fedjax_lab.data import cohort as cohort_lib
@@ -158,6 +159,42 @@ def _stack_cohorts(cohorts: Sequence[dict[str, Any]]) -> dict[str, Any]:
                       *[padded(c) for c in cohorts])
 
 
+class _Placement:
+  """Where the member axis lives: one device, or split over every device of
+  this process (a 1-D ``"members"`` mesh; K padded to a multiple of the
+  device count with copies of member 0, whose outputs are dropped)."""
+
+  def __init__(self, num_members: int, shard: bool):
+    self.num_members = num_members
+    self.mesh = None
+    self.padded = num_members
+    if shard and jax.device_count() > 1:
+      self.mesh = Mesh(np.asarray(jax.devices()), ("members",))
+      count = jax.device_count()
+      self.padded = -(-num_members // count) * count
+
+  def members(self, tree: Any) -> Any:
+    """A ``[K, ...]`` tree on the device(s), member axis split."""
+    if self.mesh is None:
+      return jax.device_put(tree)
+    extra = self.padded - self.num_members
+
+    def pad(leaf):
+      leaf = jnp.asarray(leaf)
+      if not extra:
+        return leaf
+      return jnp.concatenate([leaf, jnp.repeat(leaf[:1], extra, axis=0)])
+
+    return jax.device_put(jax.tree.map(pad, tree),
+                          NamedSharding(self.mesh, PartitionSpec("members")))
+
+  def shared(self, tree: Any) -> Any:
+    """A tree every member reads (a shared cohort), on every device."""
+    if self.mesh is None:
+      return jax.device_put(tree)
+    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+
+
 def _same_cohort(cohorts: Sequence[dict[str, Any]]) -> bool:
   first = cohorts[0]
   return all(c is first for c in cohorts)
@@ -183,6 +220,9 @@ def run_members(experiments: Sequence[setup.Experiment],
     error that stopped it (a diverged member; the others go on).
 
   Raises:
+    member_setup.NotVectorizable: members whose algorithm needs a differing
+      number in Python (checked before any workdir is opened where the
+      algorithm's factory needs it; else at the first round).
     ValueError: members that cannot share one program (the message says
       why), under several processes, or with the disk client-state store.
     loop.RunInterrupted (``run_lifecycle.RunInterrupted``): SIGINT/SIGTERM;
@@ -190,6 +230,8 @@ def run_members(experiments: Sequence[setup.Experiment],
     FileExistsError, workdir errors: as ``run_experiment`` for any member.
   """
   _check_group(experiments, workdirs)
+  member_setup.check_traceable(experiments,
+                               member_setup.member_hparams(experiments))
   extra = list(callbacks) if callbacks is not None else [
       () for _ in experiments]
   group = processes.ProcessGroup(None)
@@ -222,15 +264,17 @@ def _train(members: list[_Member], show_progress: bool) -> None:
   round_fns = {shared: members_lib.build_member_round(
       make_algorithm, strategy, shared_cohort=shared) for shared in (True,
                                                                      False)}
-  device_hparams = member_setup.hparams_as_arrays(hparams)
-  server_states = members_lib.stack_members(
-      [m.run.server_state for m in members])
-  round_rngs = jnp.stack([jax.random.fold_in(
-      jax.random.key(m.experiment.config.seed), 1) for m in members])
-  private = any(m.run.private.private for m in members)
-  noise_rngs = (jnp.stack([m.run.private.noise_key() for m in members])
-                if private else None)
+  compilations = lambda: sum(fn.trace_count() for fn in round_fns.values())
   size = len(members)
+  place = _Placement(size, first.config.get("shard_clients", True))
+  device_hparams = place.members(member_setup.hparams_as_arrays(hparams))
+  server_states = place.members(members_lib.stack_members(
+      [m.run.server_state for m in members]))
+  round_rngs = place.members(jnp.stack([jax.random.fold_in(
+      jax.random.key(m.experiment.config.seed), 1) for m in members]))
+  private = any(m.run.private.private for m in members)
+  noise_rngs = (place.members(jnp.stack(
+      [m.run.private.noise_key() for m in members])) if private else None)
   unstack = jax.jit(lambda tree: [members_lib.member(tree, k)
                                   for k in range(size)])
   select = jax.jit(lambda keep, new, old: jax.tree.map(
@@ -264,7 +308,15 @@ def _train(members: list[_Member], show_progress: bool) -> None:
           if rounds <= exp.config.num_rounds:
             run.accountant.epsilon(rounds)
     samples.clear()
-    return cohorts, time.perf_counter() - start
+    present = [c for c in cohorts if c is not None]
+    if not present:
+      return cohorts, None, True, time.perf_counter() - start
+    # Members not in this round ride along on a copy (their outputs are
+    # dropped); members sharing one cohort share its transfer.
+    filled = [c if c is not None else present[0] for c in cohorts]
+    shared = _same_cohort(filled)
+    batch = filled[0] if shared else _stack_cohorts(filled)
+    return cohorts, batch, shared, time.perf_counter() - start
 
   for m in members:
     for callback in m.callbacks:
@@ -272,7 +324,7 @@ def _train(members: list[_Member], show_progress: bool) -> None:
     m.run.started = time.perf_counter()
     m.run.stop_reason = run_lifecycle.first_stop(m.callbacks, m.run)
     if m.run.stop_reason or m.run.rounds_done >= m.experiment.config.num_rounds:
-      _finish(m, round_fns[True].trace_count() + round_fns[False].trace_count())
+      _finish(m, compilations())
   start_round = min(m.run.rounds_done for m in members)
   last_report = 0.0
   end_round = max(m.experiment.config.num_rounds for m in members)
@@ -281,7 +333,7 @@ def _train(members: list[_Member], show_progress: bool) -> None:
     while not all(m.finished for m in members):
       wait_start = time.perf_counter()
       try:
-        round_index, (cohorts, prepare_s) = next(prefetcher)
+        round_index, (cohorts, cohort, shared, prepare_s) = next(prefetcher)
       except StopIteration:
         break
       taking_part = [m.participates(round_index) and cohorts[k] is not None
@@ -289,31 +341,22 @@ def _train(members: list[_Member], show_progress: bool) -> None:
       if not any(taking_part):
         continue
       round_start = time.perf_counter()
-      filler = next(c for c, part in zip(cohorts, taking_part) if part)
-      cohorts = [c if part else filler for c, part in zip(cohorts,
-                                                          taking_part)]
-      shared = _same_cohort(cohorts)
-      cohort = cohorts[0] if shared else _stack_cohorts(cohorts)
-      gathered = members_lib.stack_members([
+      gathered = place.members(members_lib.stack_members([
           round_lib.gather_client_states(
               m.run.client_states,
               cohort["client_indices"] if shared else cohort[
-                  "client_indices"][k]) for k, m in enumerate(members)])
+                  "client_indices"][k]) for k, m in enumerate(members)]))
       round_fn = round_fns[shared]
       try:
         new_states, new_client_states, metrics = round_fn(
-            device_hparams, server_states, jax.device_put(cohort), gathered,
-            round_rngs, noise_rngs)
+            device_hparams, server_states,
+            place.shared(cohort) if shared else place.members(cohort),
+            gathered, round_rngs, noise_rngs)
       except (jax.errors.ConcretizationTypeError,
               jax.errors.TracerArrayConversionError,
               jax.errors.TracerIntegerConversionError) as e:
-        raise ValueError(
-            "the members differ in "
-            f"{sorted(k for k in hparams if not k.startswith('_'))}, and "
-            "something the algorithm is built from uses one of them as a "
-            "Python number (a check or a branch), so they cannot be members "
-            "of one program; run them as separate runs (a sweep without "
-            f"--vectorize). JAX said: {str(e).splitlines()[0]}") from None
+        raise member_setup.not_vectorizable(
+            [k for k in hparams if not k.startswith("_")], str(e)) from None
       metrics = jax.device_get(metrics)
       seconds = time.perf_counter() - round_start
       keep = np.asarray(taking_part)
@@ -325,7 +368,10 @@ def _train(members: list[_Member], show_progress: bool) -> None:
         if run_lifecycle.diverged(member_metrics, m.run.private):
           keep[k] = False
           _freeze(m, round_index, member_metrics)
-      server_states = select(jnp.asarray(keep), new_states, server_states)
+      keep_padded = np.zeros(place.padded, bool)
+      keep_padded[:size] = keep
+      server_states = select(jnp.asarray(keep_padded), new_states,
+                             server_states)
       per_member_states = unstack(server_states)
       host_client_states = jax.device_get(new_client_states)
       for k, m in enumerate(members):
@@ -353,7 +399,7 @@ def _train(members: list[_Member], show_progress: bool) -> None:
         for callback in m.callbacks:
           callback.after_round(run)
         if run.stop_reason or run.rounds_done == m.experiment.config.num_rounds:
-          _finish(m, round_fn.trace_count())
+          _finish(m, compilations())
       if show_progress and (time.perf_counter() - last_report > 10 or
                             all(m.finished for m in members)):
         last_report = time.perf_counter()

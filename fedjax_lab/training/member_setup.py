@@ -29,6 +29,7 @@ import fnmatch
 import json
 from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -36,7 +37,8 @@ import numpy as np
 from fedjax_lab.algorithms import base as alg_base
 from fedjax_lab.training import setup
 
-__all__ = ["HOST_KEYS", "TRACED_KEYS", "group_members", "make_algorithm_fn",
+__all__ = ["HOST_KEYS", "NotVectorizable", "TRACED_KEYS",
+           "check_traceable", "group_members", "make_algorithm_fn",
            "member_hparams", "program_signature"]
 
 # Numbers the round uses that may differ between members of one program
@@ -57,6 +59,21 @@ HOST_KEYS = (
     "privacy.accounting_population")
 
 PyTree = Any
+
+
+class NotVectorizable(ValueError):
+  """Members that cannot share one program after all: something their
+  algorithm is built from uses a differing number in Python. Run them as
+  programs of one member each (separate runs)."""
+
+
+def not_vectorizable(keys: Sequence[str], detail: str) -> NotVectorizable:
+  """The error naming the differing keys."""
+  return NotVectorizable(
+      f"the members differ in {sorted(keys)}, and something their algorithm "
+      "is built from uses one of them as a Python number (a check or a "
+      "branch), so they cannot be members of one program; run them as "
+      f"separate runs. JAX said: {detail.splitlines()[0]}")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -189,6 +206,43 @@ def make_algorithm_fn(exp: setup.Experiment
                                  exp.dataset)
 
   return make_algorithm
+
+
+def check_traceable(members: Sequence[setup.Experiment],
+                    hparams: dict[str, np.ndarray]) -> None:
+  """Checks that the members' server states have one structure, and builds
+  the first member's algorithm and server state with every key of
+  ``hparams`` traced (abstractly, nothing runs).
+
+  Raises:
+    NotVectorizable: naming the keys the algorithm's factory needs as Python
+      numbers (checked one by one), or states of different structures.
+  """
+  exp = members[0]
+  make_algorithm = make_algorithm_fn(exp)
+  params = jax.eval_shape(exp.model.init, jax.random.key(0))
+  structures = {str(jax.tree.structure(jax.eval_shape(
+      member_exp.algorithm.server_init, params))) for member_exp in members}
+  if len(structures) > 1:
+    raise NotVectorizable(
+        f"the members differ in {sorted(k for k in hparams if k[0] != '_')} "
+        "and their server states differ in structure (e.g. momentum 0, "
+        "which optax keeps no trace for, beside momentum > 0), so they "
+        "cannot be stacked as members of one program; run them as separate "
+        "runs.")
+  traced = [key for key in hparams if not key.startswith("_")]
+  failing, detail = [], ""
+  for key in traced:
+    try:
+      jax.eval_shape(lambda value, key=key: make_algorithm(
+          {key: value}).server_init(params), jnp.float32(1.0))
+    except (jax.errors.ConcretizationTypeError,
+            jax.errors.TracerArrayConversionError,
+            jax.errors.TracerIntegerConversionError) as e:
+      failing.append(key)
+      detail = str(e)
+  if failing:
+    raise not_vectorizable(failing, detail)
 
 
 def hparams_as_arrays(hparams: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -194,3 +194,52 @@ def test_a_failing_member_is_reported_and_the_others_finish(parallel_sweep):
       BAD_OPTIMIZER)
   assert BAD_OPTIMIZER in (workdir / bad / "log.txt").read_text()
   assert json.loads(result.stdout.strip().splitlines()[-1])["failed"] == 1
+
+
+@pytest.fixture(scope="module")
+def vectorized_sweep(tmp_path_factory):
+  """The parallel sweep's three members with --vectorize (the two good ones
+  are one program; the bad one is a group of its own that cannot build)."""
+  folder = tmp_path_factory.mktemp("vectorized")
+  spec_file = folder / "members.txt"
+  spec_file.write_text(
+      "client.learning_rate=0.01 client.optimizer=sgd\n"
+      f"client.learning_rate=0.3 client.optimizer={BAD_OPTIMIZER}\n"
+      "client.learning_rate=0.3 client.optimizer=sgd\n")
+  result = _sweep(folder / "w", "--vectorize", spec=f"@{spec_file}")
+  return folder / "w", result, spec_file
+
+
+def test_vectorized_members_match_sequential_ones(finished_sweep,
+                                                  vectorized_sweep):
+  workdir, result, _ = vectorized_sweep
+  assert result.returncode == 1, result.stderr[-3000:]  # the failing member
+  for slug in SLUGS:
+    together, sequential = (_summary(w, slug)
+                            for w in (workdir, finished_sweep[0]))
+    for key in ("final_eval_accuracy", "final_eval_loss", "rounds"):
+      assert together[key] == pytest.approx(sequential[key], rel=1e-6), key
+    info = json.loads((workdir / slug / "member.json").read_text())
+    assert info["vectorized_group"] == SLUGS and info["exit_code"] == 0
+    assert (workdir / slug / "checkpoints").is_dir()
+  bad = f"client.learning_rate=0.3,client.optimizer={BAD_OPTIMIZER}"
+  assert f"unknown optimizer '{BAD_OPTIMIZER}'" in (
+      workdir / bad / "log.txt").read_text()
+  assert [(r["status"]) for r in _table(workdir)] == [
+      "done", "done", "failed"]
+
+
+def test_a_rerun_vectorized_sweep_runs_only_what_is_left(vectorized_sweep):
+  workdir, _, spec_file = vectorized_sweep
+  shutil.rmtree(workdir / SLUGS[0])
+  result = _sweep(workdir, "--vectorize", spec=f"@{spec_file}")
+  assert result.returncode == 1  # the bad member fails again
+  assert (workdir / SLUGS[0] / "summary.json").exists()
+  info = json.loads((workdir / SLUGS[0] / "member.json").read_text())
+  assert info["vectorized_group"] == [SLUGS[0]]  # trained alone this time
+
+
+def test_vectorize_and_parallel_are_exclusive(tmp_path):
+  result = _sweep(tmp_path / "w", "--vectorize", "--parallel=2")
+  assert result.returncode == 2
+  assert "leave out --parallel" in result.stderr
