@@ -5,6 +5,8 @@ import sys
 
 import ml_collections
 
+from fedjax_lab.training import defaults
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,9 +17,5 @@ def tiny_config(name: str, **overrides) -> ml_collections.ConfigDict:
   config = __import__(f"configs.{name}",
                       fromlist=["get_config"]).get_config("tiny")
   for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
+    defaults.set_dotted(config, key, value)
   return config

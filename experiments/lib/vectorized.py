@@ -37,12 +37,9 @@ def member_config(record: dict[str, Any], overrides: dict[str, Any]) -> Any:
   values = {key: sweep_spec.typed_value(key, raw, leaves.get(key))
             for key, raw in assignments}
   values.update(overrides)
+  from fedjax_lab.training import defaults  # pylint: disable=g-import-not-at-top
   for key, value in values.items():
-    *parents, leaf = key.split(".")
-    block = config
-    for name in parents:
-      block = block[name]
-    block[leaf] = value
+    defaults.set_dotted(config, key, value)
   return config
 
 

@@ -128,3 +128,13 @@ def apply_mode(config: ml_collections.ConfigDict,
   if config.sampling in ("fixed", "shuffle"):
     config.cohort_size = min(config.cohort_size, 3)
   return config
+
+
+def set_dotted(config: ml_collections.ConfigDict, key: str,
+               value: Any) -> None:
+  """Sets the dotted ``key`` (``"client.learning_rate"``) of ``config``."""
+  *parents, leaf = key.split(".")
+  block = config
+  for name in parents:
+    block = block[name]
+  block[leaf] = value

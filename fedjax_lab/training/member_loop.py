@@ -34,7 +34,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from fedjax_lab.data import cohort as cohort_lib
@@ -43,6 +42,7 @@ from fedjax_lab.engine import members as members_lib
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.training import callbacks as callbacks_lib
 from fedjax_lab.training import client_state_store as state_store
+from fedjax_lab.training import member_inputs
 from fedjax_lab.training import member_setup
 from fedjax_lab.training import processes
 from fedjax_lab.training import run_lifecycle
@@ -128,78 +128,6 @@ def _open_member(exp: setup.Experiment, workdir: str,
                  MemberOutcome(workdir))
 
 
-def _pad_to(array: np.ndarray, shape: Sequence[int], fill: Any) -> np.ndarray:
-  """``array`` padded at the end of each axis to ``shape`` with ``fill``."""
-  if tuple(array.shape) == tuple(shape):
-    return array
-  out = np.full(shape, fill, array.dtype)
-  out[tuple(slice(0, n) for n in array.shape)] = array
-  return out
-
-
-def _stack_cohorts(cohorts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-  """Per-member cohorts stacked ``[K, C, S, ...]``, each padded to the
-  largest cohort (clients: index -1, masks 0) and step count (masked)."""
-  clients = max(c["client_mask"].shape[0] for c in cohorts)
-  steps = max(c["example_mask"].shape[1] for c in cohorts)
-
-  def padded(cohort):
-    out = {"features": {
-        name: _pad_to(value, (clients, steps) + value.shape[2:], 0)
-        for name, value in cohort["features"].items()}}
-    out["example_mask"] = _pad_to(cohort["example_mask"],
-                                  (clients, steps) +
-                                  cohort["example_mask"].shape[2:], 0)
-    for name, fill in (("client_mask", 0), ("num_examples", 0),
-                       ("client_indices", -1)):
-      out[name] = _pad_to(cohort[name], (clients,), fill)
-    return out
-
-  return jax.tree.map(lambda *leaves: np.stack(leaves),
-                      *[padded(c) for c in cohorts])
-
-
-class _Placement:
-  """Where the member axis lives: one device, or split over every device of
-  this process (a 1-D ``"members"`` mesh; K padded to a multiple of the
-  device count with copies of member 0, whose outputs are dropped)."""
-
-  def __init__(self, num_members: int, shard: bool):
-    self.num_members = num_members
-    self.mesh = None
-    self.padded = num_members
-    if shard and jax.device_count() > 1:
-      self.mesh = Mesh(np.asarray(jax.devices()), ("members",))
-      count = jax.device_count()
-      self.padded = -(-num_members // count) * count
-
-  def members(self, tree: Any) -> Any:
-    """A ``[K, ...]`` tree on the device(s), member axis split."""
-    if self.mesh is None:
-      return jax.device_put(tree)
-    extra = self.padded - self.num_members
-
-    def pad(leaf):
-      leaf = jnp.asarray(leaf)
-      if not extra:
-        return leaf
-      return jnp.concatenate([leaf, jnp.repeat(leaf[:1], extra, axis=0)])
-
-    return jax.device_put(jax.tree.map(pad, tree),
-                          NamedSharding(self.mesh, PartitionSpec("members")))
-
-  def shared(self, tree: Any) -> Any:
-    """A tree every member reads (a shared cohort), on every device."""
-    if self.mesh is None:
-      return jax.device_put(tree)
-    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
-
-
-def _same_cohort(cohorts: Sequence[dict[str, Any]]) -> bool:
-  first = cohorts[0]
-  return all(c is first for c in cohorts)
-
-
 def run_members(experiments: Sequence[setup.Experiment],
                 workdirs: Sequence[str], show_progress: bool = False,
                 callbacks: Sequence[Sequence[callbacks_lib.Callback]] | None
@@ -261,12 +189,16 @@ def _train(members: list[_Member], show_progress: bool) -> None:
     hparams = {"_member": np.arange(len(members), dtype=np.float32)}
   make_algorithm = member_setup.make_algorithm_fn(first)
   strategy = first.strategy
-  round_fns = {shared: members_lib.build_member_round(
-      make_algorithm, strategy, shared_cohort=shared) for shared in (True,
-                                                                     False)}
-  compilations = lambda: sum(fn.trace_count() for fn in round_fns.values())
   size = len(members)
-  place = _Placement(size, first.config.get("shard_clients", True))
+  if size == 1:  # the run's own round (no member axis to vmap)
+    round_fns = {True: member_inputs.one_member_round(first, strategy)}
+  else:
+    round_fns = {shared: members_lib.build_member_round(
+        make_algorithm, strategy, shared_cohort=shared)
+                 for shared in (True, False)}
+  compilations = lambda: sum(fn.trace_count() for fn in round_fns.values())
+  place = member_inputs.Placement(size, size > 1 and first.config.get("shard_clients",
+                                                         True))
   device_hparams = place.members(member_setup.hparams_as_arrays(hparams))
   server_states = place.members(members_lib.stack_members(
       [m.run.server_state for m in members]))
@@ -314,8 +246,8 @@ def _train(members: list[_Member], show_progress: bool) -> None:
     # Members not in this round ride along on a copy (their outputs are
     # dropped); members sharing one cohort share its transfer.
     filled = [c if c is not None else present[0] for c in cohorts]
-    shared = _same_cohort(filled)
-    batch = filled[0] if shared else _stack_cohorts(filled)
+    shared = member_inputs.same_cohort(filled)
+    batch = filled[0] if shared else member_inputs.stack_cohorts(filled)
     return cohorts, batch, shared, time.perf_counter() - start
 
   for m in members:

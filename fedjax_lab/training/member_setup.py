@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_lab.algorithms import base as alg_base
+from fedjax_lab.training import defaults
 from fedjax_lab.training import setup
 
 __all__ = ["HOST_KEYS", "NotVectorizable", "TRACED_KEYS",
@@ -158,15 +159,6 @@ def member_hparams(experiments: Sequence[setup.Experiment]
           for key in keys if len({m[key] for m in per_member}) > 1}
 
 
-def _set_dotted(config: ml_collections.ConfigDict, key: str,
-                value: Any) -> None:
-  *parents, leaf = key.split(".")
-  block = config
-  for name in parents:
-    block = block[name]
-  block[leaf] = value
-
-
 def make_algorithm_fn(exp: setup.Experiment
                       ) -> Callable[[dict[str, Any]], alg_base.FederatedAlgorithm]:
   """``hparams -> algorithm``: ``exp``'s algorithm rebuilt with the keys of
@@ -183,7 +175,7 @@ def make_algorithm_fn(exp: setup.Experiment
       if key.startswith("_"):  # the member axis of members alike in numbers
         continue
       if not key.startswith("privacy."):
-        _set_dotted(config, key, value)
+        defaults.set_dotted(config, key, value)
         continue
       if plan is None:
         raise ValueError(f"{key} differs between members of a run without "

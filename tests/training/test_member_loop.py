@@ -17,6 +17,7 @@ import pytest
 
 from fedjax_lab.training import api
 from fedjax_lab.training import callbacks as callbacks_lib
+from fedjax_lab.training import defaults
 from fedjax_lab.training import loop
 from fedjax_lab.training import member_loop
 from fedjax_lab.training import member_setup
@@ -37,11 +38,7 @@ def _config(**overrides):
   config.client.num_epochs = 1
   config.metrics_sinks = ""
   for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    block = config
-    for name in parents:
-      block = block[name]
-    block[leaf] = value
+    defaults.set_dotted(config, dotted, value)
   return config
 
 
@@ -205,11 +202,7 @@ def test_scaffold_with_adaptive_clipping_members_equal_separate_runs(
     config.metrics_sinks = ""
     config.privacy.noise_seed = 5
     for dotted, value in overrides.items():
-      *parents, leaf = dotted.split(".")
-      block = config
-      for name in parents:
-        block = block[name]
-      block[leaf] = value
+      defaults.set_dotted(config, dotted, value)
     return config
 
   configs = [member(), member(**{"privacy.noise_multiplier": 0.6}),
