@@ -16,11 +16,14 @@ For each workload and K, two sweeps of K members:
 * ``seeds`` (K > 1): K seeds at the config's learning rate; each member
   samples its own cohorts and data order (per-member cohorts).
 
-Each sweep runs twice in this process: ``sequential`` (``api.simulate`` of
-each member in turn: K compilations) and ``vectorized``
-(``api.simulate_sweep``: one program). Times are total wall seconds from
-config to summary, compilation included; ``throughput`` is sequential /
-vectorized (member-runs per second, relative). ``max_rel_diff`` compares
+Each sweep runs three ways: ``processes`` (each member as its own
+``python -m experiments.run`` process, one after another: what
+``experiments.sweep --parallel=1`` runs), ``sequential`` (``api.simulate`` of
+each member in turn in this process: K compilations, no process start) and
+``vectorized`` (``api.simulate_sweep``: one program). Times are total wall
+seconds from config to summary, compilation included; ``throughput`` is
+sequential / vectorized and ``vs_processes`` processes / vectorized
+(member-runs per second, relative). ``max_rel_diff`` compares
 each member's final eval loss between the two (they are the same runs).
 """
 
@@ -30,6 +33,7 @@ import datetime
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +51,8 @@ _WORKLOADS = flags.DEFINE_list("workloads", ["w2", "w1"], "w2 and/or w1.")
 _MEMBERS = flags.DEFINE_list("members", ["1", "4", "16"], "Values of K.")
 _W2_ROUNDS = flags.DEFINE_integer("w2_rounds", 20, "Rounds of a w2 run.")
 _W1_ROUNDS = flags.DEFINE_integer("w1_rounds", 5, "Rounds of a w1 run.")
+_PROCESSES = flags.DEFINE_bool(
+    "processes", True, "Also time the members as separate processes.")
 _UPDATE = flags.DEFINE_bool(
     "update", False, "Replace only the rows this invocation measures in an "
     "existing OUT.json (the others and their command are kept).")
@@ -79,10 +85,35 @@ def member_configs(workload: str, num_members: int, kind: str,
   return configs
 
 
-def time_sweep(configs: Sequence[Any], work_root: str) -> dict[str, Any]:
-  """Sequential then vectorized; wall seconds and the members' results."""
+def _member_flags(workload: str, config: Any) -> list[str]:
+  """``experiments.run`` flags reproducing a member's config."""
+  return [f"--config={paths.config_file(_CONFIGS[workload] + '.py')}",
+          f"--config.num_rounds={config.num_rounds}", "--config.eval_every=0",
+          "--config.metrics_sinks=", f"--config.seed={config.seed}",
+          f"--config.client.learning_rate={config.client.learning_rate!r}",
+          "--noprogress"]
+
+
+def time_processes(workload: str, configs: Sequence[Any],
+                   root: str) -> float:
+  """Wall seconds of the members as ``experiments.run`` processes, in turn."""
+  start = time.perf_counter()
+  for k, config in enumerate(configs):
+    subprocess.run([sys.executable, "-m", "experiments.run",
+                    f"--workdir={os.path.join(root, f'p{k}')}",
+                    *_member_flags(workload, config)],
+                   cwd=paths.REPO_ROOT, check=True, capture_output=True)
+  return time.perf_counter() - start
+
+
+def time_sweep(configs: Sequence[Any], work_root: str,
+               workload: str = "") -> dict[str, Any]:
+  """Processes (when asked), sequential, then vectorized; wall seconds and
+  the members' results."""
   from fedjax_lab.training import api  # pylint: disable=g-import-not-at-top
   root = tempfile.mkdtemp(dir=work_root)
+  processes = (time_processes(workload, configs, root)
+               if workload and _PROCESSES.value else None)
   start = time.perf_counter()
   apart = [api.simulate(config, workdir=os.path.join(root, f"s{k}"))
            for k, config in enumerate(configs)]
@@ -97,12 +128,22 @@ def time_sweep(configs: Sequence[Any], work_root: str) -> dict[str, Any]:
   return {
       "sequential_seconds": sequential, "vectorized_seconds": vectorized,
       "throughput": sequential / vectorized,
+      "processes_seconds": processes,
+      "vs_processes": processes / vectorized if processes else None,
       "max_rel_diff": max(abs(t - a) / abs(a) for t, a in losses),
       "final_eval_accuracy": [t.summary["final_eval_accuracy"]
                               for t in together],
       "compilations_vectorized": together[0].summary["compilations"],
       "compilations_sequential": sum(a.summary["compilations"]
                                      for a in apart)}
+
+
+def _seconds(value: float | None) -> str:
+  return "-" if value is None else f"{value:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+  return "-" if value is None else f"{value:.2f}x"
 
 
 def write_report(rows: Sequence[dict[str, Any]], out: str,
@@ -119,19 +160,24 @@ def write_report(rows: Sequence[dict[str, Any]], out: str,
       "",
       f"Machine: {meta['devices']}, {meta['cpus']} CPUs; {meta['date']}. "
       "Total wall seconds from config to summary (compilation, evaluation "
-      "and checkpoints included) of K member runs: one by one in one process "
-      "(`api.simulate`) vs as one program (`api.simulate_sweep`). "
-      "Throughput = sequential / vectorized. `lr`: client learning rates "
+      "and checkpoints included) of K member runs: as K `experiments.run` "
+      "processes one after another (what `experiments.sweep --parallel=1` "
+      "runs), one by one in one process (`api.simulate`), and as one program "
+      "(`api.simulate_sweep`). Throughput = sequential / vectorized; vs "
+      "processes = processes / vectorized. `lr`: client learning rates "
       "(shared cohorts); `seeds`: per-member cohorts and data order.",
       "",
-      "| workload | sweep | K | rounds | sequential s | vectorized s | "
-      "throughput | compilations (seq / vec) | max rel. diff |",
-      "|---|---|---|---|---|---|---|---|---|"]
+      "| workload | sweep | K | rounds | processes s | sequential s | "
+      "vectorized s | throughput | vs processes | compilations (seq / vec) "
+      "| max rel. diff |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(
         f"| {_TITLES[r['workload']]} | {r['kind']} | {r['members']} | "
-        f"{r['rounds']} | {r['sequential_seconds']:.1f} | "
+        f"{r['rounds']} | {_seconds(r.get('processes_seconds'))} | "
+        f"{r['sequential_seconds']:.1f} | "
         f"{r['vectorized_seconds']:.1f} | {r['throughput']:.2f}x | "
+        f"{_ratio(r.get('vs_processes'))} | "
         f"{r['compilations_sequential']} / {r['compilations_vectorized']} | "
         f"{r['max_rel_diff']:.1e} |")
   with open(out + ".md", "w") as f:
@@ -160,7 +206,8 @@ def main(argv: Sequence[str]) -> None:
       for kind in ("lr", "seeds") if num_members > 1 else ("lr",):
         row = {"workload": workload, "kind": kind, "members": num_members,
                "rounds": rounds, **time_sweep(member_configs(
-                   workload, num_members, kind, rounds), work_root)}
+                   workload, num_members, kind, rounds), work_root,
+                                              workload)}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items()
                           if k != "final_eval_accuracy"}), file=sys.stderr,

@@ -96,6 +96,22 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
+def agreement(by_mode: dict[str, list[dict[str, Any]]]
+              ) -> dict[str, Any] | None:
+  """How two modes' grids agree (their members drew other secret seeds, so
+  accuracies agree up to DP noise and sampling): largest and mean absolute
+  difference of the cells' mean accuracy; whether every epsilon is equal."""
+  if len(by_mode) != 2:
+    return None
+  first, second = by_mode.values()
+  gaps = [abs(a["accuracy_mean"] - b["accuracy_mean"])
+          for a, b in zip(first, second)]
+  return {"max_accuracy_gap": max(gaps),
+          "mean_accuracy_gap": statistics.mean(gaps),
+          "epsilons_equal": all(a["epsilon"] == b["epsilon"]
+                                for a, b in zip(first, second))}
+
+
 def write_plot(cells: Sequence[dict[str, Any]], path: str) -> None:
   """Accuracy vs epsilon (log x), one line per clip norm, min-max bars."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -123,14 +139,16 @@ def write_plot(cells: Sequence[dict[str, Any]], path: str) -> None:
 
 
 def write_report(out: str, cells: Sequence[dict[str, Any]],
-                 seconds: dict[str, float], members: int) -> None:
+                 seconds: dict[str, float], members: int,
+                 agreed: dict[str, Any] | None) -> None:
   """``out.json`` and ``out.md``."""
   args = ["--workdir=RUNS" if arg.startswith("--workdir=") else arg
           for arg in sys.argv[1:]]  # no machine paths in the results
   command = " ".join(["python -m experiments.studies.dp_grid", *args])
   with open(out + ".json", "w") as f:
     json.dump({"command": command, "members": members, "rounds": _ROUNDS.value,
-               "wall_seconds": seconds, "cells": list(cells)}, f, indent=1)
+               "wall_seconds": seconds, "agreement": agreed,
+               "cells": list(cells)}, f, indent=1)
   lines = [
       "# DP-FedAvg noise x clip grid on MNIST (one vectorised sweep)", "",
       f"Command: `{command}`", "",
@@ -155,6 +173,13 @@ def write_report(out: str, cells: Sequence[dict[str, Any]],
            "parallel2": "`experiments.sweep --parallel=2` (a process per "
                         "member, two at a time)"}[mode]
     lines.append(f"* {how}: {value:.0f} s")
+  if agreed is not None:
+    lines += ["", "The two sweeps' members drew their own secret seeds, so "
+              "they agree up to DP noise and sampling: cell mean accuracies "
+              f"differ by {100 * agreed['mean_accuracy_gap']:.2f} points on "
+              f"average, {100 * agreed['max_accuracy_gap']:.2f} at most; "
+              "every epsilon is " + ("identical." if agreed["epsilons_equal"]
+                                      else "NOT identical.")]
   lines += ["", f"![accuracy vs epsilon]({os.path.basename(out)}.png)"]
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -166,7 +191,7 @@ def main(argv: Sequence[str]) -> None:
                                    "dp_mnist_grid")
   previous = sweep_summary.read_json(out + ".json") or {}
   seconds = dict(previous.get("wall_seconds", {}))
-  rows = None
+  rows, by_mode = None, {}
   for mode in _MODES.value:
     workdir = os.path.join(_WORKDIR.value, mode)
     done = os.path.exists(os.path.join(workdir, "sweep_summary.csv")) and (
@@ -180,10 +205,11 @@ def main(argv: Sequence[str]) -> None:
                  f"{workdir}/*/log.txt")
       seconds[mode] = time.perf_counter() - start
     members = read_members(workdir)
+    by_mode[mode] = aggregate(members)
     if rows is None:
       rows = members
   cells = aggregate(rows)
-  write_report(out, cells, seconds, len(rows))
+  write_report(out, cells, seconds, len(rows), agreement(by_mode))
   write_plot(cells, out + ".png")
   print(json.dumps({"out": out + ".md", "wall_seconds": seconds}))
 

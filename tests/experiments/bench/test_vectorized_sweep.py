@@ -1,5 +1,6 @@
 """experiments.bench.vectorized_sweep on W2 with two rounds: the rows it
-measures, members equal to their separate runs, and --update."""
+measures, members equal to their separate runs, --update, and the members
+timed as experiments.run processes."""
 
 import json
 import os
@@ -22,7 +23,7 @@ def _bench(out, *flags):
 
 def test_tiny_bench_measures_each_sweep_and_updates_rows(tmp_path):
   out = tmp_path / "vectorized"
-  report = _bench(out, "--members=1,2")
+  report = _bench(out, "--members=1,2", "--noprocesses")
   rows = {(r["kind"], r["members"]): r for r in report["rows"]}
   assert set(rows) == {("lr", 1), ("lr", 2), ("seeds", 2)}
   for row in rows.values():
@@ -30,6 +31,7 @@ def test_tiny_bench_measures_each_sweep_and_updates_rows(tmp_path):
     assert row["throughput"] == (row["sequential_seconds"] /
                                  row["vectorized_seconds"])
     assert row["max_rel_diff"] < 1e-5  # the same runs, either way
+    assert row["processes_seconds"] is None
     assert len(row["final_eval_accuracy"]) == row["members"]
   assert rows[("lr", 1)]["compilations_vectorized"] == (
       rows[("lr", 1)]["compilations_sequential"])
@@ -40,3 +42,7 @@ def test_tiny_bench_measures_each_sweep_and_updates_rows(tmp_path):
   assert updated["meta"]["updates"][0]["command"].endswith("--update")
   assert [r for r in updated["rows"] if r["members"] == 2] == [
       rows[("lr", 2)], rows[("seeds", 2)]]
+  (one,) = [r for r in updated["rows"] if r["members"] == 1]
+  assert one["processes_seconds"] > 0  # timed as experiments.run processes
+  assert one["vs_processes"] == (one["processes_seconds"] /
+                                 one["vectorized_seconds"])
