@@ -26,7 +26,6 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data.prefetch import Prefetcher
 from fedjax_lab.engine import distributed
 from fedjax_lab.engine import round as round_lib
@@ -34,7 +33,6 @@ from fedjax_lab.training import callbacks as callbacks_lib
 from fedjax_lab.training import client_state_store as state_store
 from fedjax_lab.training import processes
 from fedjax_lab.training import run_lifecycle
-from fedjax_lab.training import setup
 from fedjax_lab.training import state_files
 from fedjax_lab.training import workdir as workdir_lib
 from fedjax_lab.training.setup import Experiment
@@ -123,39 +121,23 @@ def _run_experiment(exp: Experiment, workdir: str, show_progress: bool,
                         if isinstance(c, callbacks_lib.Checkpointing)), None)
   if private.private and group.coordinator:
     print(private.report(config.num_rounds), file=sys.stderr)
-  # A DP run samples its cohorts with the secret seed (amplification by
-  # sampling assumes nobody knows who was sampled).
-  sampler = (setup.make_sampler(config, exp.dataset.train.num_clients,
-                                private.sampling_seed(config.seed))
-             if private.private else exp.sampler)
+  sampler = run_lifecycle.cohort_sampler(exp, private)
   noise_rng = private.noise_key()
 
   round_fn = round_lib.build_round(exp.algorithm, exp.strategy, mesh=mesh)
   round_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   round_rng, noise_rng = group.replicate((round_rng, noise_rng))
   device_server_state = group.replicate(run.server_state)
-  train = exp.dataset.train
-  client = config.client
   fixed_cohort_size = run_lifecycle.fixed_cohort_size(config, sampler)
   client_rows = group.client_rows()
 
   def produce(round_index: int):
     prepare_start = time.perf_counter()
-    batch = cohort_lib.make_round_cohort(
-        train, sampler.sample(round_index), batch_size=client.batch_size,
-        num_epochs=exp.local_epochs, max_steps=exp.local_max_steps,
-        seed=config.seed, round_index=round_index,
-        fixed_cohort_size=fixed_cohort_size,
+    batch = run_lifecycle.round_cohort(
+        exp, sampler.sample(round_index), round_index, fixed_cohort_size,
         cohort_multiple_of=mesh.size if mesh is not None else 1,
-        step_buckets=exp.step_buckets, shuffle=exp.shuffle_local_data,
         client_rows=client_rows)
-    if accountant is not None:
-      # Off the critical path: this runs in the prefetch thread while the
-      # device trains the previous round (the loop needs epsilon after this
-      # round, and after the next one for the budget check).
-      for rounds in (round_index + 1, round_index + 2):
-        if rounds <= config.num_rounds:
-          accountant.epsilon(rounds)
+    run_lifecycle.warm_accountant(accountant, round_index, config.num_rounds)
     return (round_lib.cohort_arrays(batch), batch.padded_cohort_size,
             time.perf_counter() - prepare_start)
 

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data.prefetch import Prefetcher
 from fedjax_lab.engine import members as members_lib
 from fedjax_lab.engine import round as round_lib
@@ -121,10 +120,8 @@ def _open_member(exp: setup.Experiment, workdir: str,
   private = run.private
   if private.private:
     print(private.report(exp.config.num_rounds), file=sys.stderr)
-  sampler = (setup.make_sampler(exp.config, exp.dataset.train.num_clients,
-                                private.sampling_seed(exp.config.seed))
-             if private.private else exp.sampler)
-  return _Member(exp, run, checkpoints, callbacks, sampler,
+  return _Member(exp, run, checkpoints, callbacks,
+                 run_lifecycle.cohort_sampler(exp, private),
                  MemberOutcome(workdir))
 
 
@@ -158,8 +155,8 @@ def run_members(experiments: Sequence[setup.Experiment],
     FileExistsError, workdir errors: as ``run_experiment`` for any member.
   """
   _check_group(experiments, workdirs)
-  member_setup.check_traceable(experiments,
-                               member_setup.member_hparams(experiments))
+  hparams = member_setup.member_hparams(experiments)
+  member_setup.check_traceable(experiments, hparams)
   extra = list(callbacks) if callbacks is not None else [
       () for _ in experiments]
   group = processes.ProcessGroup(None)
@@ -170,7 +167,7 @@ def run_members(experiments: Sequence[setup.Experiment],
     try:
       for exp, workdir, member_extra in zip(experiments, workdirs, extra):
         members.append(_open_member(exp, workdir, group, member_extra))
-      _train(members, show_progress)
+      _train(members, hparams, show_progress)
     finally:
       for m in members:
         if not m.finished:
@@ -180,25 +177,25 @@ def run_members(experiments: Sequence[setup.Experiment],
   return [m.outcome for m in members]
 
 
-def _train(members: list[_Member], show_progress: bool) -> None:
-  """The lockstep rounds of every member (see the module docstring)."""
-  experiments = [m.experiment for m in members]
-  first = experiments[0]
-  hparams = member_setup.member_hparams(experiments)
+def _train(members: list[_Member], hparams: dict[str, np.ndarray],
+           show_progress: bool) -> None:
+  """The lockstep rounds of every member (see the module docstring);
+  ``hparams``: their differing traced numbers (``member_hparams``)."""
+  first = members[0].experiment
   if not hparams:  # members differ in host values only: a dummy axis
     hparams = {"_member": np.arange(len(members), dtype=np.float32)}
-  make_algorithm = member_setup.make_algorithm_fn(first)
   strategy = first.strategy
   size = len(members)
   if size == 1:  # the run's own round (no member axis to vmap)
     round_fns = {True: member_inputs.one_member_round(first, strategy)}
   else:
+    make_algorithm = member_setup.make_algorithm_fn(first)
     round_fns = {shared: members_lib.build_member_round(
         make_algorithm, strategy, shared_cohort=shared)
                  for shared in (True, False)}
   compilations = lambda: sum(fn.trace_count() for fn in round_fns.values())
-  place = member_inputs.Placement(size, size > 1 and first.config.get("shard_clients",
-                                                         True))
+  shard = size > 1 and first.config.get("shard_clients", True)
+  place = member_inputs.Placement(size, shard)
   device_hparams = place.members(member_setup.hparams_as_arrays(hparams))
   server_states = place.members(members_lib.stack_members(
       [m.run.server_state for m in members]))
@@ -228,17 +225,11 @@ def _train(members: list[_Member], show_progress: bool) -> None:
       indices = np.asarray(m.sampler.sample(round_index))
       key = (indices.tobytes(), exp.config.seed)
       if key not in samples:  # members with the same cohort share it
-        samples[key] = round_lib.cohort_arrays(cohort_lib.make_round_cohort(
-            exp.dataset.train, indices, batch_size=exp.config.client.batch_size,
-            num_epochs=exp.local_epochs, max_steps=exp.local_max_steps,
-            seed=exp.config.seed, round_index=round_index,
-            fixed_cohort_size=fixed_size, step_buckets=exp.step_buckets,
-            shuffle=exp.shuffle_local_data))
+        samples[key] = round_lib.cohort_arrays(run_lifecycle.round_cohort(
+            exp, indices, round_index, fixed_size))
       cohorts.append(samples[key])
-      if run.accountant is not None:
-        for rounds in (round_index + 1, round_index + 2):
-          if rounds <= exp.config.num_rounds:
-            run.accountant.epsilon(rounds)
+      run_lifecycle.warm_accountant(run.accountant, round_index,
+                                    exp.config.num_rounds)
     samples.clear()
     present = [c for c in cohorts if c is not None]
     if not present:
@@ -292,14 +283,14 @@ def _train(members: list[_Member], show_progress: bool) -> None:
       metrics = jax.device_get(metrics)
       seconds = time.perf_counter() - round_start
       keep = np.asarray(taking_part)
+      member_metrics = [{name: float(value[k])
+                         for name, value in metrics.items()}
+                        if taking_part[k] else None for k in range(size)]
       for k, m in enumerate(members):
-        if not taking_part[k]:
-          continue
-        member_metrics = {name: float(value[k])
-                          for name, value in metrics.items()}
-        if run_lifecycle.diverged(member_metrics, m.run.private):
+        if taking_part[k] and run_lifecycle.diverged(member_metrics[k],
+                                                     m.run.private):
           keep[k] = False
-          _freeze(m, round_index, member_metrics)
+          _freeze(m, round_index, member_metrics[k])
       keep_padded = np.zeros(place.padded, bool)
       keep_padded[:size] = keep
       server_states = select(jnp.asarray(keep_padded), new_states,
@@ -314,11 +305,9 @@ def _train(members: list[_Member], show_progress: bool) -> None:
         run.server_state = per_member_states[k]
         run.metric_origins = round_fn.metric_origins()
         run.record = run_lifecycle.round_record(
-            round_index, {name: float(value[k])
-                          for name, value in metrics.items()},
-            own["client_mask"].shape[0], own["example_mask"].shape[1],
-            run.private, seconds=seconds, prepare_seconds=prepare_s,
-            wait_seconds=round_start - wait_start)
+            round_index, member_metrics[k], own["client_mask"].shape[0],
+            own["example_mask"].shape[1], run.private, seconds=seconds,
+            prepare_seconds=prepare_s, wait_seconds=round_start - wait_start)
         rows = own["client_indices"]
         run.client_states = round_lib.scatter_client_states(
             run.client_states, np.asarray(rows),

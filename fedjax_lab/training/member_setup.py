@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_lab.algorithms import base as alg_base
+from fedjax_lab.engine import members as members_lib
 from fedjax_lab.training import defaults
 from fedjax_lab.training import setup
 
@@ -159,8 +160,7 @@ def member_hparams(experiments: Sequence[setup.Experiment]
           for key in keys if len({m[key] for m in per_member}) > 1}
 
 
-def make_algorithm_fn(exp: setup.Experiment
-                      ) -> Callable[[dict[str, Any]], alg_base.FederatedAlgorithm]:
+def make_algorithm_fn(exp: setup.Experiment) -> members_lib.MakeAlgorithm:
   """``hparams -> algorithm``: ``exp``'s algorithm rebuilt with the keys of
   ``hparams`` (traced scalars, one member's slice) replacing its config's and
   its privacy plan's values. ``exp`` is any member of the program (they

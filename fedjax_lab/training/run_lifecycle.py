@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 
+from fedjax_lab.data import cohort as cohort_lib
 from fedjax_lab.data import sampling
 from fedjax_lab.engine import distributed
 from fedjax_lab.privacy import accounting
@@ -28,6 +29,7 @@ from fedjax_lab.training import client_state_store as state_store
 from fedjax_lab.training import metrics_io
 from fedjax_lab.training import privacy_run
 from fedjax_lab.training import processes
+from fedjax_lab.training import setup
 from fedjax_lab.training import state_files
 from fedjax_lab.training import workdir as workdir_lib
 from fedjax_lab.training.setup import Experiment, describe_devices
@@ -229,6 +231,42 @@ def divergence(metrics: dict[str, float],
     return f"the model parameters are {params}"
   return (f"train_loss is {metrics.get('train_loss')} and the model "
           f"parameters are {params}")
+
+
+def cohort_sampler(exp: Experiment, private: privacy_run.PrivacyRun) -> Any:
+  """Who trains each round: a DP run samples with its secret seed
+  (amplification by sampling assumes nobody knows who was sampled), any
+  other run uses the experiment's sampler."""
+  if not private.private:
+    return exp.sampler
+  return setup.make_sampler(exp.config, exp.dataset.train.num_clients,
+                            private.sampling_seed(exp.config.seed))
+
+
+def round_cohort(exp: Experiment, client_indices: Any, round_index: int,
+                 fixed_cohort_size: int | None, cohort_multiple_of: int = 1,
+                 client_rows: Any = None) -> Any:
+  """Round ``round_index``'s padded cohort of ``client_indices``, batched
+  by the experiment's local schedule (``data.cohort.make_round_cohort``)."""
+  return cohort_lib.make_round_cohort(
+      exp.dataset.train, client_indices,
+      batch_size=exp.config.client.batch_size, num_epochs=exp.local_epochs,
+      max_steps=exp.local_max_steps, seed=exp.config.seed,
+      round_index=round_index, fixed_cohort_size=fixed_cohort_size,
+      cohort_multiple_of=cohort_multiple_of, step_buckets=exp.step_buckets,
+      shuffle=exp.shuffle_local_data, client_rows=client_rows)
+
+
+def warm_accountant(accountant: accounting.RoundAccountant | None,
+                    round_index: int, num_rounds: int) -> None:
+  """Composes epsilon after round ``round_index`` and the next one (the loop
+  needs both: to report, and for the budget check) ahead of time; meant for
+  the prefetch thread, off the round's critical path."""
+  if accountant is None:
+    return
+  for rounds in (round_index + 1, round_index + 2):
+    if rounds <= num_rounds:
+      accountant.epsilon(rounds)
 
 
 def round_record(round_index: int, metrics: dict[str, float],

@@ -154,21 +154,28 @@ def _dp_factory(model, clip_norm=None, noise_multiplier=None):
   return make_algorithm
 
 
-def test_dp_fedavg_members_with_their_own_noise_keys(tiny_model):
-  """DP numbers fixed (Python floats), learning rates and noise keys per
-  member: the DP link runs inside the member vmap."""
-  make_algorithm = _dp_factory(tiny_model, clip_norm=0.5,
-                               noise_multiplier=0.7)
-  hparams = _hparams(client_lr=[0.05, 0.05, 0.2])
-  params = tiny_model.init(jax.random.key(0))
+def _dp_members_match_one_by_one(model, hparams, **fixed):
+  """DP-FedAvg members (``fixed`` DP numbers as Python floats, the rest in
+  ``hparams``) with their own noise keys on one cohort equal the members run
+  one by one; returns the members' server states."""
+  make_algorithm = _dp_factory(model, **fixed)
+  params = model.init(jax.random.key(0))
   cohort = _cohort([0, 1, 2, 3])
-  rngs = _keys(RNG, 3)
-  noise_rngs = _keys(NOISE_RNG, 3)
+  rngs, noise_rngs = _keys(RNG, 3), _keys(NOISE_RNG, 3)
   states, metrics, _ = _together(make_algorithm, hparams, params, cohort,
                                  rngs, noise_rngs)
   ref_states, ref_metrics = _one_by_one(make_algorithm, hparams, params,
                                         [cohort] * 3, rngs, noise_rngs)
   _assert_members_match(states, metrics, ref_states, ref_metrics)
+  return states
+
+
+def test_dp_fedavg_members_with_their_own_noise_keys(tiny_model):
+  """DP numbers fixed (Python floats), learning rates and noise keys per
+  member: the DP link runs inside the member vmap."""
+  states = _dp_members_match_one_by_one(
+      tiny_model, _hparams(client_lr=[0.05, 0.05, 0.2]), clip_norm=0.5,
+      noise_multiplier=0.7)
   # Same learning rate, different noise keys: different models.
   first, second = (members.member(states.params, k) for k in (0, 1))
   assert not all(np.allclose(a, b) for a, b in
@@ -176,18 +183,10 @@ def test_dp_fedavg_members_with_their_own_noise_keys(tiny_model):
 
 
 def test_dp_fedavg_noise_multipliers_and_clip_norms(tiny_model):
-  make_algorithm = _dp_factory(tiny_model)
-  hparams = _hparams(client_lr=[0.1, 0.1, 0.1], clip_norm=[0.05, 0.5, 5.0],
-                     noise_multiplier=[0.3, 1.0, 2.0])
-  params = tiny_model.init(jax.random.key(0))
-  cohort = _cohort([0, 1, 2, 3])
-  rngs = _keys(RNG, 3)
-  noise_rngs = _keys(NOISE_RNG, 3)
-  states, metrics, _ = _together(make_algorithm, hparams, params, cohort,
-                                 rngs, noise_rngs)
-  ref_states, ref_metrics = _one_by_one(make_algorithm, hparams, params,
-                                        [cohort] * 3, rngs, noise_rngs)
-  _assert_members_match(states, metrics, ref_states, ref_metrics)
+  _dp_members_match_one_by_one(
+      tiny_model, _hparams(client_lr=[0.1, 0.1, 0.1],
+                           clip_norm=[0.05, 0.5, 5.0],
+                           noise_multiplier=[0.3, 1.0, 2.0]))
 
 
 def test_members_with_their_own_cohorts(tiny_model):

@@ -152,16 +152,23 @@ def test_a_different_spec_is_refused_unless_forced(finished_sweep, tmp_path):
   assert result.returncode == 0 and '"done": 1' in result.stdout
 
 
-@pytest.fixture(scope="module")
-def parallel_sweep(tmp_path_factory):
-  """The same two members plus a failing one, as a list, two at a time."""
-  folder = tmp_path_factory.mktemp("parallel")
+def _three_member_spec(folder):
+  """A member list: the grid's two members, and one whose config cannot be
+  built (an unknown optimizer)."""
   spec_file = folder / "members.txt"
   spec_file.write_text(
       "# the grid's two members, and one whose config cannot be built\n"
       "client.learning_rate=0.01 client.optimizer=sgd\n"
       f"client.learning_rate=0.3 client.optimizer={BAD_OPTIMIZER}\n"
       "client.learning_rate=0.3 client.optimizer=sgd\n")
+  return spec_file
+
+
+@pytest.fixture(scope="module")
+def parallel_sweep(tmp_path_factory):
+  """The same two members plus a failing one, as a list, two at a time."""
+  folder = tmp_path_factory.mktemp("parallel")
+  spec_file = _three_member_spec(folder)
   result = _sweep(folder / "w", "--parallel=2", spec=f"@{spec_file}")
   return folder / "w", result
 
@@ -201,11 +208,7 @@ def vectorized_sweep(tmp_path_factory):
   """The parallel sweep's three members with --vectorize (the two good ones
   are one program; the bad one is a group of its own that cannot build)."""
   folder = tmp_path_factory.mktemp("vectorized")
-  spec_file = folder / "members.txt"
-  spec_file.write_text(
-      "client.learning_rate=0.01 client.optimizer=sgd\n"
-      f"client.learning_rate=0.3 client.optimizer={BAD_OPTIMIZER}\n"
-      "client.learning_rate=0.3 client.optimizer=sgd\n")
+  spec_file = _three_member_spec(folder)
   result = _sweep(folder / "w", "--vectorize", spec=f"@{spec_file}")
   return folder / "w", result, spec_file
 
