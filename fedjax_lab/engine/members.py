@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
 from fedjax_lab.algorithms import base
@@ -40,14 +41,18 @@ from fedjax_lab.engine import clients
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.engine.strategy import Strategy
 
-__all__ = ["MakeAlgorithm", "MemberRoundFn", "build_member_round",
-           "init_member_states", "member", "num_members", "stack_members"]
+__all__ = ["MEMBER_AXIS", "MEMBER_SHARDS", "MakeAlgorithm", "MemberRoundFn",
+           "build_member_round", "init_member_states", "member",
+           "num_members", "stack_members"]
 
 PyTree = Any
 MakeAlgorithm = Callable[[PyTree], base.FederatedAlgorithm]
 MemberRoundFn = Callable[..., tuple[base.ServerState, PyTree,
                                     dict[str, jax.Array]]]
 MEMBER_AXIS = "members"  # the vmapped axis name of the member round
+# The mesh axis the member axis is split over when members and clients are
+# both sharded (a (MEMBER_SHARDS, "clients") mesh; see build_member_round).
+MEMBER_SHARDS = "member_shards"
 
 
 def num_members(hparams: PyTree) -> int:
@@ -113,7 +118,8 @@ def _check_member_axis(name: str, tree: PyTree, size: int) -> None:
 
 def build_member_round(make_algorithm: MakeAlgorithm, strategy: Strategy,
                        shared_cohort: bool = True,
-                       donate: bool = False) -> MemberRoundFn:
+                       donate: bool = False,
+                       mesh: Mesh | None = None) -> MemberRoundFn:
   """Compiles one round of K sweep members as one program (vmap over members).
 
   Args:
@@ -129,6 +135,13 @@ def build_member_round(make_algorithm: MakeAlgorithm, strategy: Strategy,
       the same padded shape ``[K, C, S, B, ...]`` (e.g. different sampling
       seeds).
     donate: donate the server states' and client states' buffers.
+    mesh: optional 2-D mesh with axes ``(MEMBER_SHARDS, "clients")``: the
+      member axis is split over the first (``vmap``'s ``spmd_axis_name``)
+      and each member's cohort client axis over the second, as
+      ``build_round(mesh=...)`` shards a separate run's (C must be a
+      multiple of the ``"clients"`` size). Place the inputs accordingly
+      (members' leading axis on ``MEMBER_SHARDS``, client axes on
+      ``"clients"``). ``None``: GSPMD follows the inputs' placement.
 
   Returns:
     ``member_round_fn(hparams, server_states, cohort, client_states, rngs,
@@ -162,11 +175,19 @@ def build_member_round(make_algorithm: MakeAlgorithm, strategy: Strategy,
         "step_loop='scan' or 'unroll' for a sweep compiled into one program.")
   trace_counter = [0]
   origins: dict[str, str] = {}
+  client_mesh, spmd_axis = None, None
+  if mesh is not None:
+    if tuple(mesh.axis_names) != (MEMBER_SHARDS, "clients"):
+      raise ValueError(f"mesh axes must be ({MEMBER_SHARDS!r}, 'clients'), "
+                       f"got {mesh.axis_names}.")
+    if mesh.shape["clients"] > 1:
+      client_mesh, spmd_axis = mesh, MEMBER_SHARDS
 
   def one_member(hparams, server_state, cohort, client_states, rng,
                  noise_rng):
     algorithm = make_algorithm(hparams)
-    round_fn = round_lib.build_round(algorithm, strategy, donate=False)
+    round_fn = round_lib.build_round(algorithm, strategy, mesh=client_mesh,
+                                     donate=False)
     with clients.member_axis(MEMBER_AXIS):
       outputs = round_fn(server_state, cohort, client_states, rng, noise_rng)
     origins.update(round_fn.metric_origins())
@@ -188,10 +209,10 @@ def build_member_round(make_algorithm: MakeAlgorithm, strategy: Strategy,
     if noise_rngs is None:
       run = lambda h, s, c, cs, r: one_member(h, s, c, cs, r, None)
       return jax.vmap(run, in_axes=(0, 0, cohort_axis, 0, 0),
-                      axis_name=MEMBER_AXIS)(
+                      axis_name=MEMBER_AXIS, spmd_axis_name=spmd_axis)(
           hparams, server_states, cohort, client_states, rngs)
     return jax.vmap(one_member, in_axes=(0, 0, cohort_axis, 0, 0, 0),
-                    axis_name=MEMBER_AXIS)(
+                    axis_name=MEMBER_AXIS, spmd_axis_name=spmd_axis)(
         hparams, server_states, cohort, client_states, rngs, noise_rngs)
 
   fn = jax.jit(member_round_fn, donate_argnums=(1, 3) if donate else ())

@@ -138,7 +138,9 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     strategy: client-parallel and step-loop choices.
     mesh: optional mesh with a ``"clients"`` axis; the cohort's client axis is
       sharded over it (C must be a multiple of its size: use
-      ``make_cohort(..., cohort_multiple_of=mesh.size)``).
+      ``make_cohort(..., cohort_multiple_of=mesh.shape["clients"])``). Other
+      axes of the mesh are left to the caller (sweep members' round vmaps
+      this round with the member axis sharded over one).
     donate: donate the server state and client states buffers to the round.
 
   Returns:
@@ -182,7 +184,7 @@ def build_round(algorithm: base.FederatedAlgorithm, strategy: Strategy,
     chunk = 1 if strategy.client_parallel == "map" else strategy.chunk_size
     num_clients = client_mask.shape[0]
     if mesh is not None:
-      chunk = _sharded_chunk(chunk, num_clients, mesh.size)
+      chunk = _sharded_chunk(chunk, num_clients, mesh.shape["clients"])
     padded = _pad_clients((per_client, client_mask), chunk)
     num_chunks = -(-num_clients // chunk)
     strided = mesh is not None

@@ -52,24 +52,35 @@ def stack_cohorts(cohorts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Placement:
-  """Where the member axis lives: one device, or split over every device of
-  this process (a 1-D ``"members"`` mesh; K padded to a multiple of the
-  device count with copies of member 0, whose outputs are dropped)."""
+  """Where the member program's arrays live.
+
+  One device, or every device of this process as a 2-D mesh
+  ``(members_lib.MEMBER_SHARDS, "clients")``: the member axis is split over
+  the largest device count that divides the devices and is at most K (K
+  padded to a multiple of it with copies of member 0, whose outputs are
+  dropped), and each member's cohort client axis over the rest, as a
+  separate run shards its clients (a group of one shards clients only).
+  """
 
   def __init__(self, num_members: int, shard: bool):
     self.num_members = num_members
     self.mesh = None
     self.padded = num_members
-    if shard and jax.device_count() > 1:
-      self.mesh = Mesh(np.asarray(jax.devices()), ("members",))
-      count = jax.device_count()
-      self.padded = -(-num_members // count) * count
+    self.client_shards = 1
+    count = jax.device_count()
+    if shard and count > 1:
+      member_shards = max(d for d in range(1, min(count, num_members) + 1)
+                          if count % d == 0)
+      self.client_shards = count // member_shards
+      self.mesh = Mesh(
+          np.asarray(jax.devices()).reshape(member_shards, self.client_shards),
+          (members_lib.MEMBER_SHARDS, "clients"))
+      self.padded = -(-num_members // member_shards) * member_shards
 
-  def members(self, tree: Any) -> Any:
-    """A ``[K, ...]`` tree on the device(s), member axis split."""
+  def _put(self, tree: Any, spec: PartitionSpec, pad_members: bool) -> Any:
     if self.mesh is None:
       return jax.device_put(tree)
-    extra = self.padded - self.num_members
+    extra = self.padded - self.num_members if pad_members else 0
 
     def pad(leaf):
       leaf = jnp.asarray(leaf)
@@ -78,13 +89,22 @@ class Placement:
       return jnp.concatenate([leaf, jnp.repeat(leaf[:1], extra, axis=0)])
 
     return jax.device_put(jax.tree.map(pad, tree),
-                          NamedSharding(self.mesh, PartitionSpec("members")))
+                          NamedSharding(self.mesh, spec))
+
+  def members(self, tree: Any) -> Any:
+    """A ``[K, ...]`` tree on the device(s), member axis split."""
+    return self._put(tree, PartitionSpec(members_lib.MEMBER_SHARDS), True)
+
+  def member_clients(self, tree: Any) -> Any:
+    """A ``[K, C, ...]`` tree (per-member cohorts, the cohort rows' client
+    states): member axis and client axis split."""
+    return self._put(
+        tree, PartitionSpec(members_lib.MEMBER_SHARDS, "clients"), True)
 
   def shared(self, tree: Any) -> Any:
-    """A tree every member reads (a shared cohort), on every device."""
-    if self.mesh is None:
-      return jax.device_put(tree)
-    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+    """A ``[C, ...]`` cohort every member reads: client axis split (each
+    member shard holds a copy)."""
+    return self._put(tree, PartitionSpec("clients"), False)
 
 
 def same_cohort(cohorts: Sequence[dict[str, Any]]) -> bool:
@@ -92,11 +112,16 @@ def same_cohort(cohorts: Sequence[dict[str, Any]]) -> bool:
   return all(c is first for c in cohorts)
 
 
-def one_member_round(exp: setup.Experiment,
-                      strategy: Any) -> members_lib.MemberRoundFn:
+def one_member_round(exp: setup.Experiment, strategy: Any,
+                     mesh: Mesh | None = None) -> members_lib.MemberRoundFn:
   """A group of one: the experiment's ordinary compiled round behind the
-  member round's signature (a leading axis of one on states and outputs)."""
-  plain = round_lib.build_round(exp.algorithm, strategy, donate=False)
+  member round's signature (a leading axis of one on states and outputs);
+  ``mesh``: :class:`Placement`'s, whose ``"clients"`` axis shards the
+  cohort as a separate run's mesh does."""
+  if mesh is not None and mesh.shape["clients"] == 1:
+    mesh = None
+  plain = round_lib.build_round(exp.algorithm, strategy, mesh=mesh,
+                                donate=False)
   first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
 
   def round_fn(hparams, server_states, cohort, client_states, rngs,

@@ -21,7 +21,9 @@ resumed from checkpoints at different rounds catch up the same way.
 
 Members that draw the same cohort in a round (same sampler and data-order
 seeds, as in a learning-rate sweep) share its transfer; otherwise each member
-trains on its own cohort, padded to the round's largest.
+trains on its own cohort, padded to the round's largest. With several
+devices (and ``shard_clients``), members and each member's clients are both
+sharded (:class:`fedjax_lab.training.member_inputs.Placement`).
 """
 
 from __future__ import annotations
@@ -186,16 +188,17 @@ def _train(members: list[_Member], hparams: dict[str, np.ndarray],
     hparams = {"_member": np.arange(len(members), dtype=np.float32)}
   strategy = first.strategy
   size = len(members)
+  place = member_inputs.Placement(size, first.config.get("shard_clients",
+                                                         True))
   if size == 1:  # the run's own round (no member axis to vmap)
-    round_fns = {True: member_inputs.one_member_round(first, strategy)}
+    round_fns = {True: member_inputs.one_member_round(first, strategy,
+                                                      place.mesh)}
   else:
     make_algorithm = member_setup.make_algorithm_fn(first)
     round_fns = {shared: members_lib.build_member_round(
-        make_algorithm, strategy, shared_cohort=shared)
+        make_algorithm, strategy, shared_cohort=shared, mesh=place.mesh)
                  for shared in (True, False)}
   compilations = lambda: sum(fn.trace_count() for fn in round_fns.values())
-  shard = size > 1 and first.config.get("shard_clients", True)
-  place = member_inputs.Placement(size, shard)
   device_hparams = place.members(member_setup.hparams_as_arrays(hparams))
   server_states = place.members(members_lib.stack_members(
       [m.run.server_state for m in members]))
@@ -226,7 +229,8 @@ def _train(members: list[_Member], hparams: dict[str, np.ndarray],
       key = (indices.tobytes(), exp.config.seed)
       if key not in samples:  # members with the same cohort share it
         samples[key] = round_lib.cohort_arrays(run_lifecycle.round_cohort(
-            exp, indices, round_index, fixed_size))
+            exp, indices, round_index, fixed_size,
+            cohort_multiple_of=place.client_shards))
       cohorts.append(samples[key])
       run_lifecycle.warm_accountant(run.accountant, round_index,
                                     exp.config.num_rounds)
@@ -264,7 +268,7 @@ def _train(members: list[_Member], hparams: dict[str, np.ndarray],
       if not any(taking_part):
         continue
       round_start = time.perf_counter()
-      gathered = place.members(members_lib.stack_members([
+      gathered = place.member_clients(members_lib.stack_members([
           round_lib.gather_client_states(
               m.run.client_states,
               cohort["client_indices"] if shared else cohort[
@@ -273,7 +277,7 @@ def _train(members: list[_Member], hparams: dict[str, np.ndarray],
       try:
         new_states, new_client_states, metrics = round_fn(
             device_hparams, server_states,
-            place.shared(cohort) if shared else place.members(cohort),
+            place.shared(cohort) if shared else place.member_clients(cohort),
             gathered, round_rngs, noise_rngs)
       except (jax.errors.ConcretizationTypeError,
               jax.errors.TracerArrayConversionError,

@@ -241,30 +241,60 @@ def test_members_whose_states_differ_in_structure_run_apart(tmp_path):
 
 
 _SHARDED_SCRIPT = r"""
-import json, sys, tempfile
+import sys
 sys.path.insert(0, ".")
 import jax
 from tests.training import test_member_loop as t
 from fedjax_lab.training import api
+from fedjax_lab.training import member_inputs
 assert jax.device_count() == 4
+# Members first, the devices left over shard each member's clients.
+shapes = {k: dict(member_inputs.Placement(k, True).mesh.shape)
+          for k in (1, 2, 3, 4, 6)}
+assert shapes == {1: {"member_shards": 1, "clients": 4},
+                  2: {"member_shards": 2, "clients": 2},
+                  3: {"member_shards": 2, "clients": 2},
+                  4: {"member_shards": 4, "clients": 1},
+                  6: {"member_shards": 4, "clients": 1}}, shapes
+
+
+def same(sharded, single):
+  for a, b in zip(sharded, single):
+    assert a.error is None and b.error is None, (a.error, b.error)
+    assert len(a.history) == len(b.history) == 4
+    for ra, rb in zip(a.history, b.history):
+      for key, value in rb.items():
+        if not key.endswith("seconds"):
+          assert abs(ra[key] - value) <= 1e-6 * abs(value), (key, ra, rb)
+
+
+def apart(configs):
+  for config in configs:
+    config.shard_clients = False
+  return api.simulate_sweep(configs)
+
+
+# Three DP members: members over 2 devices x clients over 2 (one padding
+# copy of member 0); per-member Poisson cohorts.
 configs = [t._dp(), t._dp(**{"privacy.noise_multiplier": 2.0}),
            t._dp(**{"privacy.clip_norm": 1.0, "seed": 4})]
-sharded = api.simulate_sweep(configs)
-for config in configs:
-  config.shard_clients = False
-single = api.simulate_sweep(configs)
-for a, b in zip(sharded, single):
-  assert len(a.history) == len(b.history) == 4
-  for ra, rb in zip(a.history, b.history):
-    for key, value in rb.items():
-      if not key.endswith("seconds"):
-        assert abs(ra[key] - value) <= 1e-6 * abs(value), (key, ra, rb)
+same(api.simulate_sweep(configs), apart(configs))
+# Two members with clients in chunks (the shard_map path of a sharded
+# client axis), shared cohorts.
+configs = [t._config(strategy="chunked3+scan", **{"client.learning_rate": lr})
+           for lr in (0.01, 0.03)]
+same(api.simulate_sweep(configs), apart(configs))
+# A group of one shards its clients over all four devices, as its
+# separate run does.
+config = t._config(strategy="chunked3+scan")
+same(api.simulate_sweep([config]), [api.simulate(t._config(
+    strategy="chunked3+scan"))])
 print("MEMBERS_SHARDED_OK")
 """
 
 
-def test_members_split_over_four_devices_equal_one_device():
-  # Three members over four simulated devices (one padding copy).
+def test_members_and_clients_sharded_over_four_devices_equal_one_device():
+  # Members and their clients split over four simulated devices.
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   env["JAX_PLATFORMS"] = "cpu"
