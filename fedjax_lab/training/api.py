@@ -162,7 +162,7 @@ def _result(experiment: setup.Experiment, workdir: str,
   history = metrics_io.read_jsonl(path) if os.path.exists(path) else []
   params = None
   if summary is not None:
-    like = loop.initial_server_state(experiment)
+    like = jax.eval_shape(lambda: loop.initial_server_state(experiment))
     path = os.path.join(workdir, loop.FINAL_STATE_FILE)
     if experiment.privacy is not None:  # a DP run keeps the parameters only
       params = state_files.load_pytree(path, like.params)

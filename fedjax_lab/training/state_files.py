@@ -24,9 +24,9 @@ PyTree = Any
 
 
 def is_prng_key(leaf: Any) -> bool:
-  """Whether ``leaf`` is a typed JAX PRNG key array."""
-  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype,
-                                                         jax.dtypes.prng_key)
+  """Whether ``leaf`` is a typed JAX PRNG key array (or the shape of one)."""
+  return (isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))
+          and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key))
 
 
 def save_pytree(path: str, tree: PyTree) -> str:
@@ -50,6 +50,9 @@ def save_pytree(path: str, tree: PyTree) -> str:
 def load_pytree(path: str, like: PyTree) -> PyTree:
   """Reads a file written by :func:`save_pytree` into ``like``'s structure.
 
+  ``like`` may hold arrays or ``jax.ShapeDtypeStruct`` s (``jax.eval_shape``
+  of the state: nothing is computed to get the template).
+
   Raises:
     FileNotFoundError: no file at ``path``.
     ValueError: the file does not match ``like`` (leaf count or shapes).
@@ -72,5 +75,7 @@ def load_pytree(path: str, like: PyTree) -> PyTree:
       if np.shape(value) != np.shape(template):
         raise ValueError(f"{path}: array {i} has shape {value.shape}, "
                          f"expected {np.shape(template)}.")
-      restored.append(jnp.asarray(value, dtype=jnp.asarray(template).dtype))
+      dtype = (template.dtype if isinstance(template, jax.ShapeDtypeStruct)
+               else jnp.asarray(template).dtype)
+      restored.append(jnp.asarray(value, dtype=dtype))
   return jax.tree.unflatten(treedef, restored)
