@@ -306,7 +306,7 @@ def test_registry_dispatches_and_reports_errors():
   ds = sources.load_dataset("digits", num_clients=10, partition="iid")
   assert ds.name == "digits" and ds.train.num_clients == 10
   assert sources.load_dataset("synthetic", iid=True).name == "synthetic"
-  with pytest.raises(ValueError, match="digits, disk, mnist, shakespeare"):
+  with pytest.raises(ValueError, match="digits, disk, fedjax_sqlite, mnist, shakespeare"):
     sources.load_dataset("cifar")
   with pytest.raises(TypeError, match="'synthetic'.*alhpa"):
     sources.load_dataset("synthetic", alhpa=0.5)

@@ -2,6 +2,21 @@
 
 ``load_dataset(name, **kwargs)`` dispatches to ``<module>.load(**kwargs)``;
 modules are imported lazily so importing this package stays cheap.
+
+Besides the built-in datasets, three names read files a researcher has
+downloaded elsewhere (nothing is fetched at run time):
+
+* ``tff_h5``: TensorFlow Federated's HDF5 client data (EMNIST, Shakespeare,
+  Stack Overflow, CIFAR-100), ``data.path`` = a folder or a train file
+  (:mod:`.tff_h5`);
+* ``fedjax_sqlite``: FedJAX's SQLite federated data, the same datasets
+  (:mod:`.fedjax_sqlite`);
+* ``tfds``: a prepared TFDS dataset whose examples carry a client id,
+  ``data.tfds_name`` + ``data.data_dir`` (:mod:`.tfds_clients`).
+
+``backend="tfds"`` (``config.data.backend``) serves a built-in dataset
+through TFDS instead of its direct loader (:mod:`fedjax_lab.data.
+tfds_builders` prepares it once under ``tfds_data_dir``).
 """
 
 from __future__ import annotations
@@ -15,10 +30,14 @@ from fedjax_lab.data.federated import FederatedDataset
 # Dataset name -> module (under fedjax_lab.data.sources) with a load().
 _REGISTRY = {
     "shakespeare": "shakespeare",
+    "shakespeare_words": "shakespeare_words",
     "synthetic": "synthetic",
     "mnist": "mnist",
     "digits": "digits",
     "disk": "disk",
+    "tff_h5": "tff_h5",
+    "fedjax_sqlite": "fedjax_sqlite",
+    "tfds": "tfds_clients",
 }
 
 
@@ -27,17 +46,35 @@ def available_datasets() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
-def load_dataset(name: str, **kwargs: Any) -> FederatedDataset:
+BACKENDS = ("direct", "tfds")
+
+
+def load_dataset(name: str, backend: str = "direct", tfds_data_dir: str = "",
+                 **kwargs: Any) -> FederatedDataset:
   """Loads the dataset ``name`` with the keyword arguments of its ``load``.
 
+  Args:
+    name: a registered dataset (:func:`available_datasets`).
+    backend: ``"direct"`` (the source's ``load``) or ``"tfds"``: the same
+      dataset published as a TFDS dataset (prepared once under
+      ``tfds_data_dir`` by :mod:`fedjax_lab.data.tfds_builders`, then served
+      by TFDS's reader; the arrays are the direct source's).
+    tfds_data_dir: the TFDS data dir for ``backend="tfds"`` ("": TFDS's
+      default).
+    **kwargs: the source's ``load`` arguments.
+
   Raises:
-    ValueError: ``name`` is not registered (the message lists valid names).
+    ValueError: ``name`` is not registered (the message lists valid names),
+      an unknown ``backend``, or a source without a TFDS builder.
     TypeError: a keyword is not accepted by that dataset's ``load`` (the
       message names the dataset and its accepted keywords).
   """
   if name not in _REGISTRY:
     raise ValueError(f"unknown dataset {name!r}; valid names: "
                      f"{', '.join(available_datasets())}.")
+  if backend not in BACKENDS:
+    raise ValueError(f"data.backend must be one of {BACKENDS}, got "
+                     f"{backend!r}.")
   module = importlib.import_module(f"{__name__}.{_REGISTRY[name]}")
   signature = inspect.signature(module.load)
   unknown = sorted(set(kwargs) - set(signature.parameters))
@@ -45,4 +82,9 @@ def load_dataset(name: str, **kwargs: Any) -> FederatedDataset:
     raise TypeError(
         f"dataset {name!r} got unknown argument(s) {', '.join(unknown)}; it "
         f"accepts: {', '.join(signature.parameters)}.")
+  if backend == "tfds":
+    # Imported here: tfds costs ~1 s to import, which direct loads skip.
+    builders = importlib.import_module("fedjax_lab.data.tfds_builders")
+    return builders.load_through_tfds(name, data_dir=tfds_data_dir or None,
+                                      **kwargs)
   return module.load(**kwargs)
