@@ -10,8 +10,8 @@ import pytest
 
 from fedjax_lab.data.sources import fedjax_sqlite, load_dataset, shakespeare
 from fedjax_lab.data.sources import tff_h5
+from fedjax_lab.data.sources.federated_files import FileLayoutError
 
-FileLayoutError = tff_h5.FileLayoutError
 CREATE = ("CREATE TABLE federated_data (client_id BLOB NOT NULL PRIMARY KEY, "
           "data BLOB NOT NULL, num_examples INTEGER NOT NULL);")
 

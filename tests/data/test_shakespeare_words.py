@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedjax_lab.data import sources
+from fedjax_lab.data import sources, word_prediction
 from fedjax_lab.data.sources import shakespeare, shakespeare_words as words
 
 # A hand-written corpus: two clients, speeches already split like the plays'.
@@ -102,7 +102,7 @@ def test_ids_special_tokens_and_windows(tiny):
     np.testing.assert_array_equal(arrays["y"][row], window[1:])
   for store in (ds.train, ds.test):
     assert store.features["x"].dtype == store.features["y"].dtype == np.int32
-  assert words.decode(ds.train.client(0)["y"][2], info["vocab"]) == (
+  assert word_prediction.decode(ds.train.client(0)["y"][2], info["vocab"]) == (
       "go <oov> , go . <eos>")
   assert info["train_truncated_examples"] == 1
   assert info["train_tokens_truncated"] == 2
@@ -167,8 +167,9 @@ def test_real_vocabulary_and_ids(words_ds):
   corpus = shakespeare.speaker_clients(0.2)
   train = [[e for s in c.train for e in words.split_examples(s)]
            for c in corpus.clients]
-  assert words.build_vocab(train, 10_000) == (
-      vocab, info["distinct_train_words"])
+  assert word_prediction.rank_vocabulary(
+      train, 10_000, words.VOCAB_RANK_BY["clients"]) == (
+          vocab, info["distinct_train_words"])
   assert info["train_oov_fraction"] < 0.05
   for store in (words_ds.train, words_ds.test):
     for name in ("x", "y"):
@@ -206,13 +207,13 @@ def test_real_cap_and_content(words_ds):
   assert words_ds.info["train_examples_before_cap"] > sizes.sum()
   hamlet = words_ds.train.client(index)
   vocab = words_ds.info["vocab"]
-  assert words.decode(hamlet["x"][0], vocab) == (
+  assert word_prediction.decode(hamlet["x"][0], vocab) == (
       "<bos> a little more than kin , and less than kind . <eos>")
   corpus = shakespeare.speaker_clients(0.2)
   client = corpus.clients[index]
   lines = [e for s in client.train for e in words.split_examples(s)]
-  x, y = words.examples_to_windows(
-      lines[:1000], {w: i + 1 for i, w in enumerate(vocab)}, len(vocab), 20)
+  x, y = word_prediction.next_word_windows(
+      lines[:1000], word_prediction.vocabulary_ids(vocab), 20)
   np.testing.assert_array_equal(hamlet["x"], x)
   np.testing.assert_array_equal(hamlet["y"], y)
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from fedjax_lab.data.sources import load_dataset, shakespeare, tff_h5
+from fedjax_lab.data.sources.federated_files import FileLayoutError
 from fedjax_lab.training import api
 
-FileLayoutError = tff_h5.FileLayoutError
 TEXT = h5py.string_dtype("utf-8")
 BYTES = h5py.string_dtype("ascii")  # variable-length byte strings
 

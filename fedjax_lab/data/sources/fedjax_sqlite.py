@@ -28,8 +28,9 @@ HDF5 files: EMNIST ``pixels`` float32 ``[n, 28, 28]`` (1.0 = background) and
 ``label`` int32; Shakespeare ``snippets`` (byte strings); Stack Overflow
 ``tokens``, ``title``, ``tags``, ``creation_date``, ``type`` (byte strings)
 and ``score`` int64; CIFAR-100 ``image`` uint8 ``[n, 32, 32, 3]``, ``label``
-and ``coarse_label`` int64. They are converted exactly as
-:mod:`fedjax_lab.data.sources.tff_h5` converts them (same ``x``/``y``,
+and ``coarse_label`` int64. They are converted exactly as TFF's HDF5 files
+(:mod:`fedjax_lab.data.sources.tff_h5`) are, by
+:mod:`fedjax_lab.data.sources.federated_files` (same ``x``/``y``,
 tokenizers, options and vocabulary rules); see that module. Client ids are
 the ``client_id`` bytes decoded as UTF-8.
 
@@ -49,8 +50,8 @@ import msgpack
 import numpy as np
 
 from fedjax_lab.data.federated import FederatedDataset
-from fedjax_lab.data.sources import tff_h5
-from fedjax_lab.data.sources.tff_h5 import FileLayoutError
+from fedjax_lab.data.sources import federated_files
+from fedjax_lab.data.sources.federated_files import FileLayoutError
 
 # kind -> (train, test) file names FedJAX downloads or writes.
 CANONICAL_FILES = {
@@ -129,7 +130,7 @@ def _client_id(value: Any) -> str:
   return str(value)
 
 
-class _SQLiteSplit(tff_h5.SplitReader):
+class _SQLiteSplit(federated_files.SplitReader):
   """One FedJAX SQLite file, opened read-only."""
 
   def __init__(self, path: str, max_clients: int):
@@ -203,9 +204,10 @@ class _SQLiteSplit(tff_h5.SplitReader):
 
 def load(path: str = "", test_path: str = "", kind: str = "",
          max_clients: int = 0, sequence_length: int = 0,
-         vocab_size: int = tff_h5.DEFAULT_VOCAB_SIZE,
+         vocab_size: int = federated_files.DEFAULT_VOCAB_SIZE,
          word_count_path: str = "",
-         max_examples_per_client: int = tff_h5.DEFAULT_MAX_EXAMPLES_PER_CLIENT,
+         max_examples_per_client: int = (
+             federated_files.DEFAULT_MAX_EXAMPLES_PER_CLIENT),
          invert_pixels: bool = True) -> FederatedDataset:
   """A FedJAX SQLite dataset; options as :func:`tff_h5.load`'s.
 
@@ -227,24 +229,12 @@ def load(path: str = "", test_path: str = "", kind: str = "",
       how).
     ValueError: no ``path``, an unknown ``kind`` or an invalid option.
   """
-  tff_h5.check_kind(kind)
-  if max_clients < 0:
-    raise ValueError(f"data.max_clients must be >= 0, got {max_clients}.")
-  canonical = {kind: CANONICAL_FILES[kind]} if kind else CANONICAL_FILES
-  train_file, test_file = tff_h5.resolve_files(
-      path, test_path, kind, canonical, "fedjax_sqlite", SQLITE_LAYOUT)
-  train = _SQLiteSplit(train_file, max_clients)
-  try:
-    test = _SQLiteSplit(test_file, max_clients)
-    try:
-      return tff_h5.build_dataset(
-          "fedjax", kind, train, test, sequence_length=sequence_length,
-          vocab_size=vocab_size, word_count_path=word_count_path,
-          max_examples_per_client=max_examples_per_client,
-          invert_pixels=invert_pixels,
-          info={"source": "FedJAX SQLite federated data (local files)",
-                "max_clients": max_clients})
-    finally:
-      test.close()
-  finally:
-    train.close()
+  return federated_files.load_split_files(
+      _SQLiteSplit, source="fedjax_sqlite", prefix="fedjax",
+      layout=SQLITE_LAYOUT, canonical=CANONICAL_FILES,
+      info={"source": "FedJAX SQLite federated data (local files)"},
+      path=path, test_path=test_path, kind=kind, max_clients=max_clients,
+      sequence_length=sequence_length, vocab_size=vocab_size,
+      word_count_path=word_count_path,
+      max_examples_per_client=max_examples_per_client,
+      invert_pixels=invert_pixels)

