@@ -57,7 +57,9 @@ from fedjax_lab.privacy import refusals
 from fedjax_lab.training import sinks
 
 SAMPLING_KINDS = ("fixed", "poisson", "shuffle")
-MODEL_FAMILIES = {"cnn": "conv", "char_lstm": "recurrent"}
+MODEL_FAMILIES = {"cnn": "conv", "char_lstm": "recurrent",
+                  "word_lstm": "recurrent", "transformer_lm": "recurrent",
+                  "resnet18": "conv"}
 COMPRESSION_METHODS = ("none", "quantize", "top_k")
 # Prefix of a DP run's algorithm name, per mechanism.
 _DP_PREFIX = {"gaussian": "dp-", "adaptive": "dp-adaptive-", "tree": "dp-ftrl-",

@@ -36,7 +36,8 @@ def test_output_shapes(name, input_shape, num_classes, kwargs, out_shape):
 def test_unknown_model_lists_valid_names():
   with pytest.raises(ValueError, match="char_lstm"):
     get_model("resnet", input_shape=(28, 28, 1), num_classes=10)
-  assert set(MODEL_NAMES) == {"logistic", "mlp", "cnn", "char_lstm"}
+  assert set(MODEL_NAMES) == {"logistic", "mlp", "cnn", "char_lstm",
+                              "word_lstm", "transformer_lm", "resnet18"}
 
 
 def test_bad_kwargs_are_reported():
