@@ -126,13 +126,19 @@ SO_TRAIN = {"u2": ["b c b", "a b c d e"], "u1": ["a b", "", "c z"],
 SO_TEST = {"u9": ["a q b"]}
 
 
+def stackoverflow_files(folder):
+  """TFF's two Stack Overflow files, miniature, in ``folder``."""
+  folder.mkdir(parents=True, exist_ok=True)
+  write_h5(folder / "stackoverflow_train.h5",
+           {c: _stackoverflow(p) for c, p in SO_TRAIN.items()}, BYTES)
+  write_h5(folder / "stackoverflow_test.h5",
+           {c: _stackoverflow(p) for c, p in SO_TEST.items()}, BYTES)
+  return folder
+
+
 @pytest.fixture
 def stackoverflow_folder(tmp_path):
-  write_h5(tmp_path / "stackoverflow_train.h5",
-           {c: _stackoverflow(p) for c, p in SO_TRAIN.items()}, BYTES)
-  write_h5(tmp_path / "stackoverflow_test.h5",
-           {c: _stackoverflow(p) for c, p in SO_TEST.items()}, BYTES)
-  return tmp_path
+  return stackoverflow_files(tmp_path)
 
 
 def test_stackoverflow_counted_vocabulary_and_windows(stackoverflow_folder):
