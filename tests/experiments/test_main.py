@@ -35,14 +35,16 @@ def test_console_script_is_installed():
 def test_no_or_unknown_subcommand_prints_usage_and_exits_2(tmp_path, args):
   result = _run(tmp_path, *args)
   assert result.returncode == 2
-  assert ("usage: fedjax-lab {run|sweep|plot|privacy|audit|population}"
+  assert ("usage: fedjax-lab "
+          "{run|sweep|plot|privacy|audit|population|prepare-tfds}"
           in result.stderr)
   assert "Traceback" not in result.stderr
 
 
 def test_usage_names_every_command():
   text = main_lib.usage()
-  for name in ("run", "sweep", "plot", "privacy", "audit", "population"):
+  for name in ("run", "sweep", "plot", "privacy", "audit", "population",
+               "prepare-tfds"):
     assert f"  {name} " in text
 
 
