@@ -6,15 +6,10 @@ root) with lr 10^-0.5 and tau = 10^-1, the best Shakespeare values of the
 paper's reference code.
 """
 
-from configs import common
 from configs import shakespeare_fedavg
 
 
 def get_config(mode: str = ""):
-  config = shakespeare_fedavg.get_config()
-  config.algorithm = "fedopt"
-  config.server.update({"optimizer": "adagrad_tau",
-                        "learning_rate": 10 ** -0.5,
-                        "hparams": {"eps": 0.1,
-                                    "initial_accumulator_value": 0.0}})
-  return common.apply_mode(config, mode)
+  return shakespeare_fedavg.with_server_optimizer(
+      "adagrad_tau", 10 ** -0.5,
+      {"eps": 0.1, "initial_accumulator_value": 0.0}, mode)

@@ -5,13 +5,9 @@ momentum 0.9 (Hsu et al. 2019) at lr 10^-0.5, the best Shakespeare value of
 the reference code of Reddi et al.
 """
 
-from configs import common
 from configs import shakespeare_fedavg
 
 
 def get_config(mode: str = ""):
-  config = shakespeare_fedavg.get_config()
-  config.algorithm = "fedopt"
-  config.server.update({"optimizer": "momentum", "learning_rate": 10 ** -0.5,
-                        "hparams": {"momentum": 0.9}})
-  return common.apply_mode(config, mode)
+  return shakespeare_fedavg.with_server_optimizer(
+      "momentum", 10 ** -0.5, {"momentum": 0.9}, mode)

@@ -7,13 +7,10 @@ and beta2 0.99 as for FedAdam (the reference code kept Keras's 0.999).
 Reddi et al. list FedYogi among the best methods on Shakespeare.
 """
 
-from configs import common
 from configs import shakespeare_fedavg
 
 
 def get_config(mode: str = ""):
-  config = shakespeare_fedavg.get_config()
-  config.algorithm = "fedopt"
-  config.server.update({"optimizer": "yogi", "learning_rate": 0.01,
-                        "hparams": {"b1": 0.9, "b2": 0.99, "eps": 1e-3}})
-  return common.apply_mode(config, mode)
+  return shakespeare_fedavg.with_server_optimizer(
+      "yogi", 0.01,
+      {"b1": 0.9, "b2": 0.99, "eps": 1e-3}, mode)
