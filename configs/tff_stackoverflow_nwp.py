@@ -7,7 +7,8 @@ folder; nothing is downloaded:
   python -m experiments.run --config=configs/tff_stackoverflow_nwp.py \\
       --config.data.path=FOLDER
 
-(FedJAX's SQLite files: add ``--config.data.name=fedjax_sqlite``.) Reddi et
+(FedJAX's SQLite files: add ``--config.data.name=fedjax_sqlite``; TFF's newer
+``stackoverflow.sqlite``: ``--config.data.name=tff_sqlite``.) Reddi et
 al.'s Stack Overflow NWP setup: the 10,000 most used words + pad / OOV / BOS
 / EOS, windows of 20, at most 1,000 sentences per user, their word LSTM
 (embedding 96, LSTM 670, projection 96; 4,050,748 parameters), 50 clients a

@@ -3,12 +3,15 @@
 ``load_dataset(name, **kwargs)`` dispatches to ``<module>.load(**kwargs)``;
 modules are imported lazily so importing this package stays cheap.
 
-Besides the built-in datasets, three names read files a researcher has
+Besides the built-in datasets, four names read files a researcher has
 downloaded elsewhere (nothing is fetched at run time):
 
 * ``tff_h5``: TensorFlow Federated's HDF5 client data (EMNIST, Shakespeare,
   Stack Overflow, CIFAR-100), ``data.path`` = a folder or a train file
   (:mod:`.tff_h5`);
+* ``tff_sqlite``: TensorFlow Federated's newer SQLite client data (one
+  ``*.sqlite`` database per dataset holding every split), the same datasets
+  (:mod:`.tff_sqlite`);
 * ``fedjax_sqlite``: FedJAX's SQLite federated data, the same datasets
   (:mod:`.fedjax_sqlite`);
 * ``tfds``: a prepared TFDS dataset whose examples carry a client id,
@@ -36,6 +39,7 @@ _REGISTRY = {
     "digits": "digits",
     "disk": "disk",
     "tff_h5": "tff_h5",
+    "tff_sqlite": "tff_sqlite",
     "fedjax_sqlite": "fedjax_sqlite",
     "tfds": "tfds_clients",
 }

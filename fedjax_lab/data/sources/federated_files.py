@@ -3,10 +3,13 @@
 TensorFlow Federated's EMNIST, Shakespeare, Stack Overflow and CIFAR-100 are
 distributed as one file per split, in TFF's HDF5 layout
 (:mod:`fedjax_lab.data.sources.tff_h5`) or FedJAX's SQLite layout
-(:mod:`fedjax_lab.data.sources.fedjax_sqlite`). Both hold the same raw
+(:mod:`fedjax_lab.data.sources.fedjax_sqlite`), or as one database holding
+every split in TFF's newer SQLite layout
+(:mod:`fedjax_lab.data.sources.tff_sqlite`). All hold the same raw
 features per client; this module checks and converts them, whatever the
 file format. A format supplies a :class:`SplitReader` (client ids and their
-raw arrays) and calls :func:`load_split_files`.
+raw arrays) and calls :func:`load_split_files` (one file per split) or
+:func:`build_dataset`.
 
 The raw features of each dataset (``kind``), as TFF's loaders document them:
 
