@@ -279,14 +279,17 @@ class _SqlSplit(federated_files.SplitReader):
             f"{self._where(client_id)}: example {index}: feature {name!r} "
             f"is a {got} of {len(items)} values; expected a {kind} of "
             f"{size} (shape {list(shape)}, as TFF parses it).")
-      values.append(list(items))
+      values.append(items)
     if dtype is object:
       column = np.empty(len(values), dtype=object)
       column[:] = [items[0] for items in values]
       return column
+    # One asarray per example: ~6x faster than list() of upb's containers.
     raw = np.float32 if kind == _FLOAT else np.int64
-    array = np.array(values, dtype=raw).reshape((len(values), *shape))
-    return array.astype(dtype, copy=False)
+    array = np.empty((len(values), size), dtype=raw)
+    for row, items in zip(array, values):
+      row[:] = np.asarray(items, dtype=raw)
+    return array.reshape((len(values), *shape)).astype(dtype, copy=False)
 
   def clients(self, names):
     if not self.client_ids:
