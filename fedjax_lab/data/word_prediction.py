@@ -1,8 +1,8 @@
 """Next-word prediction examples, built the way TFF builds Stack Overflow's.
 
 The rules every word-level source shares, in one place: the Stack Overflow
-files (:mod:`fedjax_lab.data.sources.federated_files`, read by ``tff_h5`` and
-``fedjax_sqlite``) and Shakespeare's words
+files (:mod:`fedjax_lab.data.sources.federated_files`, read by ``tff_h5``,
+``tff_sqlite`` and ``fedjax_sqlite``) and Shakespeare's words
 (:mod:`fedjax_lab.data.sources.shakespeare_words`). They follow TensorFlow
 Federated's word-prediction baseline
 (``tff.simulation.baselines.stackoverflow.create_word_prediction_task``).
