@@ -189,16 +189,18 @@ def test_stackoverflow_word_count_file_beside_the_train_file(
   assert dataset.info["vocab"] == ("a", "b")
 
 
+def cifar100_clients(rng, ids, n):
+  """``{client_id: TFF's CIFAR-100 features}``, ``n`` random examples each."""
+  return {cid: {"image": rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
+                "label": rng.integers(0, 100, n).astype(np.int64),
+                "coarse_label": rng.integers(0, 20, n).astype(np.int64)}
+          for cid in ids}
+
+
 def test_cifar100_scaled_images_and_fine_labels(tmp_path):
   rng = np.random.default_rng(5)
-
-  def clients(ids, n):
-    return {cid: {"image": rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
-                  "label": rng.integers(0, 100, n).astype(np.int64),
-                  "coarse_label": rng.integers(0, 20, n).astype(np.int64)}
-            for cid in ids}
-
-  train, test = clients(["0", "1", "10", "2"], 2), clients(["0", "1"], 3)
+  train = cifar100_clients(rng, ["0", "1", "10", "2"], 2)
+  test = cifar100_clients(rng, ["0", "1"], 3)
   write_h5(tmp_path / "fed_cifar100_train.h5", train)
   write_h5(tmp_path / "fed_cifar100_test.h5", test)
   dataset = tff_h5.load(str(tmp_path), kind="cifar100")

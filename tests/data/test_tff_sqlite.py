@@ -12,7 +12,8 @@ import pytest
 
 from fedjax_lab.data.sources import load_dataset, tff_h5, tff_sqlite
 from fedjax_lab.data.sources.federated_files import FileLayoutError
-from tests.data.test_tff_h5 import BYTES, emnist_clients, write_h5
+from tests.data.test_tff_h5 import (BYTES, cifar100_clients, emnist_clients,
+                                   write_h5)
 
 # ------------------------------------------------- protobuf wire encoding
 
@@ -90,6 +91,13 @@ def per_example(columns):
           for i in range(n)]
 
 
+def write_columns_db(path, raw):
+  """``{split: {client_id: {feature: array [n, ...]}}}`` (the h5 writer's
+  input) as a TFF database."""
+  return write_db(path, {split: {c: per_example(f) for c, f in clients.items()}
+                         for split, clients in raw.items()})
+
+
 def test_hand_encoder_matches_the_reader_messages():
   proto = tff_sqlite.example_class().FromString(example(
       {"a": [b"x", b"yz"], "b": np.float32([0.5, -2]), "c": [3, -1]}))
@@ -128,9 +136,7 @@ def emnist_db(tmp_path):
          "all_test": emnist_clients(1, EMNIST_TEST),
          "digits_only_train": emnist_clients(2, DIGITS),
          "digits_only_test": emnist_clients(3, {"a": [1], "b": [2, 3]})}
-  write_db(tmp_path / "emnist_all.sqlite",
-           {split: {c: per_example(f) for c, f in clients.items()}
-            for split, clients in raw.items()})
+  write_columns_db(tmp_path / "emnist_all.sqlite", raw)
   h5 = tmp_path / "h5"
   h5.mkdir()
   for split, clients in raw.items():
@@ -242,18 +248,9 @@ def test_stackoverflow_equals_tff_h5_with_heldout_and_word_counts(tmp_path):
 
 def test_cifar100_equals_tff_h5(tmp_path):
   rng = np.random.default_rng(5)
-
-  def clients(ids, n):
-    return {c: {"image": rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
-                "label": rng.integers(0, 100, n).astype(np.int64),
-                "coarse_label": rng.integers(0, 20, n).astype(np.int64)}
-            for c in ids}
-
-  raw = {"train": clients(["0", "1", "10", "2"], 2),
-         "test": clients(["0", "1"], 3)}
-  write_db(tmp_path / "cifar100.sqlite",
-           {s: {c: per_example(f) for c, f in cl.items()}
-            for s, cl in raw.items()})
+  raw = {"train": cifar100_clients(rng, ["0", "1", "10", "2"], 2),
+         "test": cifar100_clients(rng, ["0", "1"], 3)}
+  write_columns_db(tmp_path / "cifar100.sqlite", raw)
   write_h5(tmp_path / "fed_cifar100_train.h5", raw["train"])
   write_h5(tmp_path / "fed_cifar100_test.h5", raw["test"])
   dataset = tff_sqlite.load(str(tmp_path / "cifar100.sqlite"))
