@@ -67,6 +67,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
+import sqlite3
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -175,6 +177,18 @@ def resolve_files(path: str, test_path: str, kind: str,
         f"test file {test} does not exist; set data.test_path to the test "
         "split's file.")
   return train, test
+
+
+def open_sqlite(path: str, layout: str) -> sqlite3.Connection:
+  """``path`` opened read-only (the SQLite formats' readers).
+
+  Raises:
+    FileNotFoundError: no such file (the message states ``layout``).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist ({layout}).")
+  uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"
+  return sqlite3.connect(uri, uri=True)
 
 
 class SplitReader:

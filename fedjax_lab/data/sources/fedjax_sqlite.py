@@ -40,8 +40,6 @@ DIR_OR_TRAIN_FILE`` in the config.
 
 from __future__ import annotations
 
-import os
-import pathlib
 import sqlite3
 import zlib
 from typing import Any
@@ -135,11 +133,8 @@ class _SQLiteSplit(federated_files.SplitReader):
 
   def __init__(self, path: str, max_clients: int):
     self.path = path
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} does not exist ({SQLITE_LAYOUT}).")
     self._limit = max_clients if max_clients else -1
-    uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"
-    self._connection = sqlite3.connect(uri, uri=True)
+    self._connection = federated_files.open_sqlite(path, SQLITE_LAYOUT)
     try:
       columns = {row[1] for row in self._connection.execute(
           "PRAGMA table_info(federated_data)")}

@@ -52,7 +52,6 @@ import itertools
 import logging
 import lzma
 import os
-import pathlib
 import shutil
 import sqlite3
 from typing import Any, Sequence
@@ -191,10 +190,7 @@ class _SqlSplit(federated_files.SplitReader):
 
   def __init__(self, path: str):
     self.path, self.split, self.client_ids = path, "", []
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} does not exist ({SQL_LAYOUT}).")
-    uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"
-    self._connection = sqlite3.connect(uri, uri=True)
+    self._connection = federated_files.open_sqlite(path, SQL_LAYOUT)
     try:
       self.splits = self._check_tables()
     except Exception:
