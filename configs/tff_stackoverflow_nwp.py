@@ -8,7 +8,11 @@ folder; nothing is downloaded:
       --config.data.path=FOLDER
 
 (FedJAX's SQLite files: add ``--config.data.name=fedjax_sqlite``; TFF's newer
-``stackoverflow.sqlite``: ``--config.data.name=tff_sqlite``.) Reddi et
+``stackoverflow.sqlite``: ``--config.data.name=tff_sqlite``.) Evaluate on the
+held-out users instead of the test split: ``--config.data.test_path=FOLDER/
+stackoverflow_held_out.h5`` (h5), or ``--config.data.test_split=heldout``
+(``tff_sqlite``). ``--config.data.max_clients=N`` reads the first N users of
+each split, for a quick run. Reddi et
 al.'s Stack Overflow NWP setup: the 10,000 most used words + pad / OOV / BOS
 / EOS, windows of 20, at most 1,000 sentences per user, their word LSTM
 (embedding 96, LSTM 670, projection 96; 4,050,748 parameters), 50 clients a
@@ -28,9 +32,14 @@ def get_config(arg: str = ""):
   config.cohort_size = 50
   config.eval_every = 100
   config.eval_max_examples = 10000
-  config.data.update({"name": "tff_h5", "path": "", "kind": "stackoverflow",
-                      "sequence_length": 20, "vocab_size": 10000,
-                      "max_examples_per_client": 1000})
+  # Every option the three file readers take, so each can be set from the
+  # command line ("" = the reader's default; a reader ignores an empty option
+  # it does not take, e.g. test_split under tff_h5).
+  config.data.update({"name": "tff_h5", "path": "", "test_path": "",
+                      "train_split": "", "test_split": "",
+                      "word_count_path": "", "max_clients": 0,
+                      "kind": "stackoverflow", "sequence_length": 20,
+                      "vocab_size": 10000, "max_examples_per_client": 1000})
   config.model.name = model
   config.algorithm = "fedopt"
   config.client.update({"optimizer": "sgd", "learning_rate": 10 ** -0.5,

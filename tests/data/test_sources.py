@@ -310,3 +310,9 @@ def test_registry_dispatches_and_reports_errors():
     sources.load_dataset("cifar")
   with pytest.raises(TypeError, match="'synthetic'.*alhpa"):
     sources.load_dataset("synthetic", alhpa=0.5)
+  # An option another source takes, left empty, is not passed on; set, it
+  # is an error.
+  assert sources.load_dataset("synthetic", iid=True, test_split="").name == (
+      "synthetic")
+  with pytest.raises(TypeError, match="'synthetic'.*test_split"):
+    sources.load_dataset("synthetic", iid=True, test_split="heldout")

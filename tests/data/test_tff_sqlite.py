@@ -3,6 +3,8 @@ tf.train.Example blobs are written by a hand-made protobuf wire encoder
 (independent of the reader's descriptors), read back exactly and compared
 with the same data read from TFF's HDF5 layout."""
 
+import copy
+import importlib
 import lzma
 import sqlite3
 import struct
@@ -244,6 +246,37 @@ def test_stackoverflow_equals_tff_h5_with_heldout_and_word_counts(tmp_path):
   (tmp_path / "stackoverflow.word_count").write_text("z 9\nq 8\nb 1\n")
   counted = tff_sqlite.load(str(tmp_path), vocab_size=2)
   assert counted.info["vocab"] == ("z", "q")
+
+
+def test_stackoverflow_config_switches_readers_and_splits_by_override(
+    tmp_path):
+  """configs/tff_stackoverflow_nwp.py declares every reader option, so the
+  command line (which can only set declared keys) reaches the held-out
+  users under tff_sqlite (test_split) and tff_h5 (test_path) alike."""
+  write_db(tmp_path / "stackoverflow.sqlite",
+           {split: {c: stackoverflow_rows(p) for c, p in clients.items()}
+            for split, clients in SO.items()})
+  for split, clients in SO.items():
+    write_h5(tmp_path / f"stackoverflow_{split}.h5",
+             {c: {"tokens": p} for c, p in clients.items()}, BYTES)
+  config = importlib.import_module("configs.tff_stackoverflow_nwp").get_config()
+  config.lock()
+  overrides = {"path": str(tmp_path), "vocab_size": 3, "sequence_length": 3}
+  loaded = {}
+  for name, split_overrides in [
+      ("tff_sqlite", {"test_split": "heldout"}),
+      ("tff_h5", {"test_path": str(tmp_path / "stackoverflow_heldout.h5")})]:
+    trial = copy.deepcopy(config)
+    for key, value in {"name": name, **overrides, **split_overrides}.items():
+      setattr(trial.data, key, value)
+    options = trial.data.to_dict()
+    loaded[name] = load_dataset(options.pop("name"), **options)
+  assert loaded["tff_sqlite"].test.client_ids.tolist() == ["u7"]
+  assert_same_clients(loaded["tff_sqlite"], loaded["tff_h5"])
+  with pytest.raises(AttributeError):
+    config.data.heldout = True  # a key no config declares stays an error
+  with pytest.raises(TypeError, match="'tff_h5'.*test_split"):
+    load_dataset("tff_h5", path=str(tmp_path), test_split="heldout")
 
 
 def test_cifar100_equals_tff_h5(tmp_path):

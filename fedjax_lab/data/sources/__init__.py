@@ -65,13 +65,17 @@ def load_dataset(name: str, backend: str = "direct", tfds_data_dir: str = "",
       by TFDS's reader; the arrays are the direct source's).
     tfds_data_dir: the TFDS data dir for ``backend="tfds"`` ("": TFDS's
       default).
-    **kwargs: the source's ``load`` arguments.
+    **kwargs: the source's ``load`` arguments. An argument the source does
+      not take is dropped when it is left empty (``""``), so one config can
+      declare the options of several file readers (e.g. ``data.test_split``,
+      which only ``tff_sqlite`` takes) and be switched between them with
+      ``data.name``.
 
   Raises:
     ValueError: ``name`` is not registered (the message lists valid names),
       an unknown ``backend``, or a source without a TFDS builder.
-    TypeError: a keyword is not accepted by that dataset's ``load`` (the
-      message names the dataset and its accepted keywords).
+    TypeError: a non-empty keyword is not accepted by that dataset's
+      ``load`` (the message names the dataset and its accepted keywords).
   """
   if name not in _REGISTRY:
     raise ValueError(f"unknown dataset {name!r}; valid names: "
@@ -80,12 +84,14 @@ def load_dataset(name: str, backend: str = "direct", tfds_data_dir: str = "",
     raise ValueError(f"data.backend must be one of {BACKENDS}, got "
                      f"{backend!r}.")
   module = importlib.import_module(f"{__name__}.{_REGISTRY[name]}")
-  signature = inspect.signature(module.load)
-  unknown = sorted(set(kwargs) - set(signature.parameters))
+  accepted = inspect.signature(module.load).parameters
+  kwargs = {key: value for key, value in kwargs.items()
+            if key in accepted or value != ""}
+  unknown = sorted(set(kwargs) - set(accepted))
   if unknown:
     raise TypeError(
         f"dataset {name!r} got unknown argument(s) {', '.join(unknown)}; it "
-        f"accepts: {', '.join(signature.parameters)}.")
+        f"accepts: {', '.join(accepted)}.")
   if backend == "tfds":
     # Imported here: tfds costs ~1 s to import, which direct loads skip.
     builders = importlib.import_module("fedjax_lab.data.tfds_builders")
