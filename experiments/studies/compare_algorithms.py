@@ -100,6 +100,8 @@ def member_config(name: str, seed: int, rounds: int, tiny: bool = False):
   config.metrics_sinks = ""
   config.personalization.update({"enabled": True, "num_epochs": 1,
                                  "learning_rate": 0.1, "batch_size": 10})
+  if tiny:  # fine-tune and score a few clients, not the whole population
+    config.personalization.max_clients = 8
   for key, value in ALGORITHMS[name][1].items():
     target = config
     *path, last = key.split(".")

@@ -106,7 +106,9 @@ def _fedavg_factory(model):
 
 
 @pytest.mark.parametrize("strategy", [
-    Strategy("vmap", "scan"), Strategy("chunked", "unroll", chunk_size=2)],
+    Strategy("vmap", "scan"),
+    pytest.param(Strategy("chunked", "unroll", chunk_size=2),
+                 marks=pytest.mark.slow)],
     ids=lambda s: s.label)
 def test_fedavg_client_learning_rates(tiny_model, strategy):
   make_algorithm = _fedavg_factory(tiny_model)

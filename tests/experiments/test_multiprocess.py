@@ -64,7 +64,10 @@ def _final_state(workdir):
 
 
 @pytest.mark.parametrize("config,overrides", [
-    ("configs/synthetic_logreg_fedavg.py:tiny", ("--config.num_rounds=4",)),
+    # Plain FedAvg is slow: SCAFFOLD and DP-FedAvg below run the same path
+    # and more.
+    pytest.param("configs/synthetic_logreg_fedavg.py:tiny",
+                 ("--config.num_rounds=4",), marks=pytest.mark.slow),
     # DP-FedAvg with a fixed noise seed, so both runs draw the same noise.
     ("configs/dp_mnist.py:tiny", ("--config.privacy.noise_seed=0",)),
     # SCAFFOLD: per-client control variates travel between processes.
@@ -88,6 +91,7 @@ def test_two_processes_make_the_one_process_run(tmp_path, config, overrides):
       range(1, one["rounds"] + 1))
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_run(tmp_path):
   config = "configs/synthetic_scaffold.py:tiny"
   overrides = ("--config.num_rounds=150", "--config.checkpoint_every=5")

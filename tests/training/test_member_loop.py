@@ -191,6 +191,7 @@ def test_members_of_different_programs_are_refused_together(tmp_path):
                                           str(tmp_path / "b")])
 
 
+@pytest.mark.slow
 def test_scaffold_with_adaptive_clipping_members_equal_separate_runs(
     tmp_path):
   # Per-client state (SCAFFOLD's control variates), aggregator state (the
@@ -214,6 +215,7 @@ def test_scaffold_with_adaptive_clipping_members_equal_separate_runs(
     _assert_same_run(member_result, separate, rtol=2e-6)
 
 
+@pytest.mark.slow
 def test_dp_ftrl_members_equal_separate_runs(tmp_path):
   ftrl = {"sampling": "shuffle", "cohort_size": 10, "sampling_rate": 0.0,
           "privacy.mechanism": "tree", "privacy.ftrl.momentum": 0.5}
@@ -224,6 +226,7 @@ def test_dp_ftrl_members_equal_separate_runs(tmp_path):
     _assert_same_run(member_result, separate)
 
 
+@pytest.mark.slow
 def test_members_whose_states_differ_in_structure_run_apart(tmp_path):
   # Server momentum 0 keeps no optax trace, momentum 0.5 does: not stackable,
   # so simulate_sweep runs each as its own program (still equal to apart).
@@ -293,6 +296,7 @@ print("MEMBERS_SHARDED_OK")
 """
 
 
+@pytest.mark.slow
 def test_members_and_clients_sharded_over_four_devices_equal_one_device():
   # Members and their clients split over four simulated devices.
   env = dict(os.environ)

@@ -55,11 +55,16 @@ def test_dp_combinations_that_would_leak_are_refused(name, mechanism, match):
     ("synthetic_fedprox", {"server.optimizer": "adam",
                            "server.learning_rate": 0.01}),
     ("synthetic_scaffold", {}),
-    ("mnist_agnostic", {"agnostic_fedavg.loss_bound": 10.0}),
-    ("mnist_hypcluster", {"hypcluster.min_cluster_share": 0.05,
-                          "hypcluster.init": "random"}),
-    ("mnist_cnn_compressed", {}),
-    ("mnist_cnn_compressed", {"compression.method": "top_k"}),
+    # The MNIST-model configs (tens of seconds each) are slow; the leak
+    # tests (test_privacy_leaks) run these algorithms under DP by default.
+    pytest.param("mnist_agnostic", {"agnostic_fedavg.loss_bound": 10.0},
+                 marks=pytest.mark.slow),
+    pytest.param("mnist_hypcluster", {"hypcluster.min_cluster_share": 0.05,
+                                      "hypcluster.init": "random"},
+                 marks=pytest.mark.slow),
+    pytest.param("mnist_cnn_compressed", {}, marks=pytest.mark.slow),
+    pytest.param("mnist_cnn_compressed", {"compression.method": "top_k"},
+                 marks=pytest.mark.slow),
 ])
 def test_every_algorithm_runs_under_dp(name, overrides, tmp_path):
   config = _private(_config(name, **overrides))
