@@ -222,15 +222,22 @@ def stackoverflow_rows(posts):
            "score": [i - 1]} for i, p in enumerate(posts)]
 
 
-def test_stackoverflow_equals_tff_h5_with_heldout_and_word_counts(tmp_path):
-  write_db(tmp_path / "stackoverflow.sqlite",
+def write_stackoverflow_db_and_h5(folder):
+  """``SO`` as TFF's stackoverflow.sqlite in ``folder`` and as its three
+  stackoverflow_<split>.h5 files in ``folder/h5``; returns that h5 folder."""
+  write_db(folder / "stackoverflow.sqlite",
            {split: {c: stackoverflow_rows(p) for c, p in clients.items()}
             for split, clients in SO.items()})
-  h5 = tmp_path / "h5"
+  h5 = folder / "h5"
   h5.mkdir()
   for split, clients in SO.items():
     write_h5(h5 / f"stackoverflow_{split}.h5",
              {c: {"tokens": p} for c, p in clients.items()}, BYTES)
+  return h5
+
+
+def test_stackoverflow_equals_tff_h5_with_heldout_and_word_counts(tmp_path):
+  h5 = write_stackoverflow_db_and_h5(tmp_path)
   dataset = tff_sqlite.load(str(tmp_path), vocab_size=3, sequence_length=3)
   assert dataset.info["vocab"] == ("b", "a", "c")
   assert_same_clients(dataset, tff_h5.load(str(h5), vocab_size=3,
@@ -253,19 +260,15 @@ def test_stackoverflow_config_switches_readers_and_splits_by_override(
   """configs/tff_stackoverflow_nwp.py declares every reader option, so the
   command line (which can only set declared keys) reaches the held-out
   users under tff_sqlite (test_split) and tff_h5 (test_path) alike."""
-  write_db(tmp_path / "stackoverflow.sqlite",
-           {split: {c: stackoverflow_rows(p) for c, p in clients.items()}
-            for split, clients in SO.items()})
-  for split, clients in SO.items():
-    write_h5(tmp_path / f"stackoverflow_{split}.h5",
-             {c: {"tokens": p} for c, p in clients.items()}, BYTES)
+  h5 = write_stackoverflow_db_and_h5(tmp_path)
   config = importlib.import_module("configs.tff_stackoverflow_nwp").get_config()
   config.lock()
-  overrides = {"path": str(tmp_path), "vocab_size": 3, "sequence_length": 3}
+  overrides = {"vocab_size": 3, "sequence_length": 3}
   loaded = {}
   for name, split_overrides in [
-      ("tff_sqlite", {"test_split": "heldout"}),
-      ("tff_h5", {"test_path": str(tmp_path / "stackoverflow_heldout.h5")})]:
+      ("tff_sqlite", {"path": str(tmp_path), "test_split": "heldout"}),
+      ("tff_h5", {"path": str(h5),
+                  "test_path": str(h5 / "stackoverflow_heldout.h5")})]:
     trial = copy.deepcopy(config)
     for key, value in {"name": name, **overrides, **split_overrides}.items():
       setattr(trial.data, key, value)
@@ -275,8 +278,9 @@ def test_stackoverflow_config_switches_readers_and_splits_by_override(
   assert_same_clients(loaded["tff_sqlite"], loaded["tff_h5"])
   with pytest.raises(AttributeError):
     config.data.heldout = True  # a key no config declares stays an error
-  with pytest.raises(TypeError, match="'tff_h5'.*test_split"):
-    load_dataset("tff_h5", path=str(tmp_path), test_split="heldout")
+  with pytest.raises(TypeError, match="'tff_h5'.*test_split.*test_split is "
+                     "an option of: .*tff_sqlite"):
+    load_dataset("tff_h5", path=str(h5), test_split="heldout")
 
 
 def test_cifar100_equals_tff_h5(tmp_path):

@@ -53,6 +53,21 @@ def available_datasets() -> tuple[str, ...]:
 BACKENDS = ("direct", "tfds")
 
 
+def _who_takes(options: list[str]) -> str:
+  """" (<option> is an option of: <datasets>)" for options other sources take,
+  so a config switched between readers says which reader an option is for."""
+  owners = {option: [] for option in options}
+  for other in available_datasets():
+    parameters = inspect.signature(importlib.import_module(
+        f"{__name__}.{_REGISTRY[other]}").load).parameters
+    for option in options:
+      if option in parameters:
+        owners[option].append(other)
+  notes = [f"{option} is an option of: {', '.join(names)}"
+           for option, names in owners.items() if names]
+  return f" ({'; '.join(notes)})" if notes else ""
+
+
 def load_dataset(name: str, backend: str = "direct", tfds_data_dir: str = "",
                  **kwargs: Any) -> FederatedDataset:
   """Loads the dataset ``name`` with the keyword arguments of its ``load``.
@@ -91,7 +106,7 @@ def load_dataset(name: str, backend: str = "direct", tfds_data_dir: str = "",
   if unknown:
     raise TypeError(
         f"dataset {name!r} got unknown argument(s) {', '.join(unknown)}; it "
-        f"accepts: {', '.join(accepted)}.")
+        f"accepts: {', '.join(accepted)}.{_who_takes(unknown)}")
   if backend == "tfds":
     # Imported here: tfds costs ~1 s to import, which direct loads skip.
     builders = importlib.import_module("fedjax_lab.data.tfds_builders")
