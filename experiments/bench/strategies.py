@@ -5,7 +5,8 @@ r"""Seconds per federated round for every execution strategy, against an ideal.
       [--out=experiments/results/bench_<backend>]
 
 Workloads: W1 EMNIST CNN, W2 logistic regression on Synthetic(1,1), W3
-Shakespeare char-LSTM (``experiments/bench/workloads.py``).
+Shakespeare char-LSTM; W4 ResNet-18 (GroupNorm) at CIFAR-100 shapes when
+named (``--workloads=w4``; ``experiments/bench/workloads.py``).
 
 Every strategy gets the same cohorts (rounds ``0..R-1``, one seeded sampler),
 built as the runner builds them. Warm-up runs the first round of each padded

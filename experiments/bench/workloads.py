@@ -7,6 +7,12 @@ Workloads (FedAvg: client SGD, server SGD lr 1):
 * ``w2``: logistic regression, FedProx Synthetic(1, 1), cohort 10 of 30,
   20 epochs, batch 10, lr 0.01 (very uneven client sizes).
 * ``w3``: Shakespeare char-LSTM, cohort 10, 1 epoch, batch 4, lr 1.
+* ``w4`` (only when asked for: ~1 minute a round on 2 CPU cores): the
+  group-norm ResNet-18 of Reddi et al. 2021 at their CIFAR-100 shapes,
+  100 clients x 100 seeded random 24x24x3 crops (timing only; TFF's
+  CIFAR-100 clients hold 100 images each), 100 classes, cohort 10, 1 epoch,
+  batch 20 (5 steps a client), lr 0.1; also vmap+unroll with the other
+  ``conv_impl``.
 
 Also here: the compile log (every trace + lower + compile, from JAX's
 monitoring events), runner-like rounds (:func:`one_round`), the interleaved
@@ -37,7 +43,8 @@ from fedjax_lab.data.sources import load_dataset
 from fedjax_lab.engine import round as round_lib
 from fedjax_lab.models.cnn import resolve_conv_impl
 
-WORKLOADS = ("w1", "w2", "w3")
+WORKLOADS = ("w1", "w2", "w3")  # the default set
+EXTRA_WORKLOADS = ("w4",)  # slow; run when named
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -148,7 +155,28 @@ def build_workload(name: str, quick: bool = False) -> Workload:
         {"hidden_size": 32} if quick else {}, data.input_shape,
         data.num_classes, 4 if quick else 10, 4, 1, 1.0, 2 if quick else 5,
         "recurrent", max_steps=8 if quick else None)
-  raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}.")
+  if name == "w4":
+    num_clients, per_client = (8, 10) if quick else (100, 100)
+    rng = np.random.default_rng(0)
+    store = ClientStore(
+        np.arange(num_clients).astype(str),
+        np.arange(num_clients + 1) * per_client,
+        {"x": rng.random((num_clients * per_client, 24, 24, 3),
+                         dtype=np.float32),
+         "y": rng.integers(0, 100, num_clients * per_client).astype(
+             np.int32)})
+    auto = resolve_conv_impl("auto")
+    alt = None if quick else {"im2col": "lax", "lax": "im2col"}[auto]
+    return Workload(
+        "w4", f"W4 ResNet-18 GroupNorm ({auto} conv), CIFAR-100 shapes, "
+        f"{num_clients} clients x {per_client}",
+        "seeded random 24x24x3 pixels and 100-class labels (timing only: "
+        "speed does not depend on pixel values)", store, "resnet18",
+        {"conv_impl": "auto"}, (24, 24, 3), 100, 2 if quick else 10,
+        5 if quick else 20, 1, 0.1, 2 if quick else 5, "conv",
+        alt_conv_impl=alt)
+  raise ValueError(f"unknown workload {name!r}; choose from "
+                   f"{WORKLOADS + EXTRA_WORKLOADS}.")
 
 
 COMPILED = {"seconds": 0.0, "count": 0}  # every trace+lower+compile so far

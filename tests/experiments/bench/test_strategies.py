@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+
 from experiments.bench import strategies
 from experiments.bench import workloads
 
@@ -60,3 +63,23 @@ def test_plan_marks_long_unrolls_and_names_chunks():
   plan = strategies.plan_strategies(["vmap+unroll"], workload, max_steps=48,
                                max_unroll=64, chunk_size=3)
   assert plan[0][2] is None
+
+
+def test_resnet_workload_has_reddi_et_al_cifar100_shapes():
+  """W4 is named, not default, and times ResNet-18 at Reddi et al. 2021's
+  CIFAR-100 settings: 100-image clients, 24x24 crops, cohort 10, batch 20."""
+  assert "w4" not in workloads.WORKLOADS and "w4" in workloads.EXTRA_WORKLOADS
+  workload = workloads.build_workload("w4")
+  assert workload.store.features["x"].shape[1:] == (24, 24, 3)
+  assert set(np.diff(workload.store.offsets)) == {100}
+  assert (workload.cohort_size, workload.batch_size, workload.num_epochs) == (
+      10, 20, 1)
+  assert workload.family == "conv"
+  cohort = workload.cohort(0)
+  # 5 full batches a client (the step axis may be padded to a bucket).
+  assert cohort.num_steps.tolist() == [5] * 10
+  assert cohort.example_mask.shape[::2] == (10, 20)
+  assert cohort.example_mask.sum() == 10 * 100
+  model = workload.make_model()
+  params = model.init(jax.random.key(0))
+  assert sum(p.size for p in jax.tree.leaves(params)) == 11_227_812
