@@ -377,3 +377,19 @@ def test_full_disk_mid_line_and_at_the_summary_then_resume_exactly(
   assert summary["final_eval_accuracy"] == whole_summary["final_eval_accuracy"]
   assert run_records(str(workdir)) == run_records(whole)
   assert csv_table(str(workdir)) == csv_table(whole)
+
+
+@pytest.mark.parametrize("name", [
+    "shakespeare_nwp_fedavg",
+    pytest.param("dp_shakespeare_nwp", marks=pytest.mark.slow)])
+def test_word_nwp_configs_run_with_the_word_lstm(name, tmp_path):
+  """The ``:lstm`` argument swaps in Reddi et al.'s word LSTM (the default
+  runs above use the transformer)."""
+  config = _load_config(name, "lstm,tiny")
+  assert config.model.name == "word_lstm"
+  summary = loop.run_experiment(setup.build_experiment(config),
+                                str(tmp_path), show_progress=False)
+  records = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["round"] for r in records] == [1, 2] and summary["rounds"] == 2
+  assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in records)
+  assert ("epsilon" in records[-1]) == (config.privacy.mechanism != "none")
