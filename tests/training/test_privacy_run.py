@@ -346,7 +346,7 @@ def test_meaningless_noise_levels_warn(privacy, warning, tmp_path, capsys):
   config.num_rounds = 1
   summary, _ = _run(config, tmp_path)
   assert any(warning in w for w in summary["privacy"]["warnings"])
-  assert f"WARNING" in capsys.readouterr().err
+  assert "WARNING" in capsys.readouterr().err
 
 
 def test_large_epsilon_warns_in_the_summary(tmp_path):
