@@ -7,7 +7,7 @@ Workloads (FedAvg: client SGD, server SGD lr 1):
 * ``w2``: logistic regression, FedProx Synthetic(1, 1), cohort 10 of 30,
   20 epochs, batch 10, lr 0.01 (very uneven client sizes).
 * ``w3``: Shakespeare char-LSTM, cohort 10, 1 epoch, batch 4, lr 1.
-* ``w4`` (only when asked for: ~1 minute a round on 2 CPU cores): the
+* ``w4`` (only when asked for: ~17 s a round on 2 CPU cores): the
   group-norm ResNet-18 of Reddi et al. 2021 at their CIFAR-100 shapes,
   100 clients x 100 seeded random 24x24x3 crops (timing only; TFF's
   CIFAR-100 clients hold 100 images each), 100 classes, cohort 10, 1 epoch,
@@ -125,16 +125,32 @@ class Workload:
         round_index=round_index, fixed_cohort_size=self.cohort_size)
 
 
+def _random_image_store(num_clients: int, per_client: int,
+                        image_shape: tuple[int, ...],
+                        num_classes: int) -> ClientStore:
+  """``num_clients`` clients of ``per_client`` seeded random float32 images
+  in [0, 1) and int32 labels (timing only)."""
+  rng, total = np.random.default_rng(0), num_clients * per_client
+  return ClientStore(
+      np.arange(num_clients).astype(str),
+      np.arange(num_clients + 1) * per_client,
+      {"x": rng.random((total,) + image_shape, dtype=np.float32),
+       "y": rng.integers(0, num_classes, total).astype(np.int32)})
+
+
+def _conv_impls(quick: bool) -> tuple[str, str | None]:
+  """(the conv_impl "auto" resolves to here, the other one for the extra
+  vmap+unroll row; None in quick mode)."""
+  auto = resolve_conv_impl("auto")
+  return auto, None if quick else {"im2col": "lax", "lax": "im2col"}[auto]
+
+
 def build_workload(name: str, quick: bool = False) -> Workload:
   """Workload ``name``; ``quick`` shrinks cohorts, epochs and the LSTM."""
   if name == "w1":
-    num_clients, rng = (100 if quick else 1000), np.random.default_rng(0)
-    store = ClientStore(
-        np.arange(num_clients).astype(str), np.arange(num_clients + 1) * 50,
-        {"x": rng.random((num_clients * 50, 28, 28, 1), dtype=np.float32),
-         "y": rng.integers(0, 10, num_clients * 50).astype(np.int32)})
-    auto = resolve_conv_impl("auto")
-    alt = None if quick else {"im2col": "lax", "lax": "im2col"}[auto]
+    num_clients = 100 if quick else 1000
+    store = _random_image_store(num_clients, 50, (28, 28, 1), 10)
+    auto, alt = _conv_impls(quick)
     return Workload(
         "w1", f"W1 CNN ({auto} conv), {num_clients} clients x 50",
         "seeded random pixels and labels (timing only: speed does not depend "
@@ -157,16 +173,8 @@ def build_workload(name: str, quick: bool = False) -> Workload:
         "recurrent", max_steps=8 if quick else None)
   if name == "w4":
     num_clients, per_client = (8, 10) if quick else (100, 100)
-    rng = np.random.default_rng(0)
-    store = ClientStore(
-        np.arange(num_clients).astype(str),
-        np.arange(num_clients + 1) * per_client,
-        {"x": rng.random((num_clients * per_client, 24, 24, 3),
-                         dtype=np.float32),
-         "y": rng.integers(0, 100, num_clients * per_client).astype(
-             np.int32)})
-    auto = resolve_conv_impl("auto")
-    alt = None if quick else {"im2col": "lax", "lax": "im2col"}[auto]
+    store = _random_image_store(num_clients, per_client, (24, 24, 3), 100)
+    auto, alt = _conv_impls(quick)
     return Workload(
         "w4", f"W4 ResNet-18 GroupNorm ({auto} conv), CIFAR-100 shapes, "
         f"{num_clients} clients x {per_client}",

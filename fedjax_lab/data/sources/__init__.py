@@ -53,13 +53,17 @@ def available_datasets() -> tuple[str, ...]:
 BACKENDS = ("direct", "tfds")
 
 
+def _source_module(name: str):
+  """The module of registered dataset ``name`` (imported on first use)."""
+  return importlib.import_module(f"{__name__}.{_REGISTRY[name]}")
+
+
 def _who_takes(options: list[str]) -> str:
   """" (<option> is an option of: <datasets>)" for options other sources take,
   so a config switched between readers says which reader an option is for."""
   owners = {option: [] for option in options}
   for other in available_datasets():
-    parameters = inspect.signature(importlib.import_module(
-        f"{__name__}.{_REGISTRY[other]}").load).parameters
+    parameters = inspect.signature(_source_module(other).load).parameters
     for option in options:
       if option in parameters:
         owners[option].append(other)
@@ -98,7 +102,7 @@ def load_dataset(name: str, backend: str = "direct", tfds_data_dir: str = "",
   if backend not in BACKENDS:
     raise ValueError(f"data.backend must be one of {BACKENDS}, got "
                      f"{backend!r}.")
-  module = importlib.import_module(f"{__name__}.{_REGISTRY[name]}")
+  module = _source_module(name)
   accepted = inspect.signature(module.load).parameters
   kwargs = {key: value for key, value in kwargs.items()
             if key in accepted or value != ""}

@@ -81,5 +81,5 @@ def test_resnet_workload_has_reddi_et_al_cifar100_shapes():
   assert cohort.example_mask.shape[::2] == (10, 20)
   assert cohort.example_mask.sum() == 10 * 100
   model = workload.make_model()
-  params = model.init(jax.random.key(0))
+  params = jax.eval_shape(model.init, jax.random.key(0))
   assert sum(p.size for p in jax.tree.leaves(params)) == 11_227_812
